@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny VaultGemma built from a config, a Gemma-style tokenizer made offline,
+and small flashcard files. Everything runs offline on CPU."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = REPO / "data" / "medical_flashcards.jsonl"
+
+# Never reach for the network from a test, and never prompt.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs the real embedded Gemma 3 270M or minutes of CPU; run with -m slow")
+
+
+def bundled_cards() -> list[dict]:
+    return [json.loads(line) for line in BUNDLED.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def build_gemma_style_tokenizer(texts: list[str], vocab_size: int = 400):
+    """A byte-fallback BPE trained here, wrapped as a GemmaTokenizer (pad 0, eos 1, bos 2, like Gemma)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    bpe.normalizer = normalizers.Replace(" ", "\u2581")
+    bpe.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_pieces))
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = GemmaTokenizer(vocab=bpe.get_vocab(), merges=merges, add_bos_token=True)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_tiny_vaultgemma(vocab_size: int, seed: int = 0, **overrides):
+    import torch
+    from transformers import VaultGemmaConfig, VaultGemmaForCausalLM
+
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    config = VaultGemmaConfig(**settings)
+    config._attn_implementation = "eager"
+    return VaultGemmaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A saved tiny VaultGemma + its tokenizer: what `--model DIR` loads."""
+    out = tmp_path_factory.mktemp("tiny_vaultgemma")
+    texts = [c["input"] + " " + c["output"] for c in bundled_cards()]
+    tokenizer = build_gemma_style_tokenizer(texts)
+    model = build_tiny_vaultgemma(len(tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from utils.model_loading import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+def write_cards(path: Path, cards: list[dict]) -> str:
+    path.write_text("".join(json.dumps(c) + "\n" for c in cards), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def small_cards_file(tmp_path) -> str:
+    """60 short bundled flashcards as JSONL."""
+    return write_cards(tmp_path / "cards.jsonl", bundled_cards()[:60])

@@ -1,0 +1,107 @@
+"""Dataclass argument groups -> argparse, with every default shown in --help.
+
+Each script declares its arguments as a few dataclasses (model, LoRA, privacy, training, ...), one
+field per flag with a `help` in its metadata. `build_parser` turns them into one argparse parser whose
+groups mirror the dataclasses; `split_namespace` turns the parsed namespace back into the dataclasses.
+A YAML config (`--config FILE`) may set any field; the command line wins over it.
+"""
+
+import argparse
+import dataclasses
+import typing
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _field_type(field):
+    """(argparse type, nargs, is_bool) for a dataclass field annotation."""
+    annotation = field.type
+    if isinstance(annotation, str):  # `from __future__ import annotations` style
+        annotation = eval(annotation, vars(typing))  # noqa: S307 - our own annotations only
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    nargs = None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        non_none = [a for a in args if a is not type(None)]
+        annotation = non_none[0]
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (list, tuple):
+        nargs = "+"
+        annotation = args[0]
+    if annotation is bool:
+        return _bool, nargs, True
+    return annotation, nargs, False
+
+
+def build_parser(description: str, groups: dict[str, type], config_flag: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    if config_flag:
+        parser.add_argument("--config", type=str, default=None, help="YAML file whose keys set any flag below; the command line wins")
+    for title, cls in groups.items():
+        group = parser.add_argument_group(title)
+        for field in dataclasses.fields(cls):
+            arg_type, nargs, is_bool = _field_type(field)
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            kwargs = dict(default=default, help=field.metadata.get("help", " "))
+            if "choices" in field.metadata:
+                kwargs["choices"] = field.metadata["choices"]
+            if is_bool:
+                # `--flag` turns it on, `--flag false` turns it off again (e.g. over a YAML config)
+                kwargs.update(type=_bool, nargs="?", const=True, metavar="BOOL")
+            else:
+                kwargs.update(type=arg_type)
+                if nargs:
+                    kwargs["nargs"] = nargs
+            group.add_argument(f"--{field.name}", **kwargs)
+    return parser
+
+
+def parse_into(parser: argparse.ArgumentParser, groups: dict[str, type], argv=None) -> argparse.Namespace:
+    """Parse argv (YAML config first, then command line) into a namespace holding one dataclass per group."""
+    namespace = parser.parse_args(argv)
+    config_path = getattr(namespace, "config", None)
+    if config_path:
+        import yaml
+
+        with open(config_path, encoding="utf-8") as handle:
+            overrides = yaml.safe_load(handle) or {}
+        known = {f.name for cls in groups.values() for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            parser.error(f"{config_path}: unknown keys {unknown}")
+        parser.set_defaults(**overrides)
+        namespace = parser.parse_args(argv)
+    resolved = argparse.Namespace(config=config_path)
+    for title, cls in groups.items():
+        values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+        setattr(resolved, _group_attr(title), cls(**values))
+    return resolved
+
+
+def _group_attr(title: str) -> str:
+    return title.lower().replace(" ", "_")
+
+
+def to_dict(args: argparse.Namespace) -> dict:
+    """The resolved arguments as plain JSON-able dicts, one per group."""
+    out = {}
+    for key, value in vars(args).items():
+        out[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+class ArgumentErrors(ValueError):
+    """Every problem with the arguments, reported at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid arguments:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,54 @@
+"""Experiment tracking through Accelerate's trackers; W&B offline when there is no key.
+
+W&B is imported only when it is the chosen tracker. Without an API key (WANDB_API_KEY or a netrc
+login) the run is logged offline under the output directory and the sync command is printed: it
+never prompts and never waits on the network.
+"""
+
+import netrc
+import os
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+def prepare_wandb_environment(output_dir: str) -> str:
+    """Set W&B's environment before it is imported; returns 'online' or 'offline'."""
+    os.environ.setdefault("WANDB_DIR", os.path.abspath(output_dir))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun") and not wandb_has_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+    return "offline" if os.environ.get("WANDB_MODE") in ("offline", "dryrun") else "online"
+
+
+def tracker_names(report_to: str) -> list[str]:
+    return [] if report_to == "none" else [report_to]
+
+
+def wandb_run_dir(accelerator) -> str | None:
+    """Directory of the active W&B run (what `wandb sync` takes), if W&B is tracking."""
+    try:
+        run = accelerator.get_tracker("wandb", unwrap=True)
+    except (ValueError, KeyError):
+        return None
+    run_dir = getattr(run, "dir", None)
+    return os.path.dirname(run_dir) if run_dir else None
+
+
+def flatten_config(resolved: dict) -> dict:
+    """Resolved argument groups as one flat dict of scalars (what trackers accept as hyperparameters)."""
+    flat = {}
+    for group, values in resolved.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                flat[key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+        elif values is not None:
+            flat[group] = values
+    return {k: ("" if v is None else v) for k, v in flat.items()}
