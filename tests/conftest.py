@@ -25,7 +25,7 @@ def bundled_cards() -> list[dict]:
     return [json.loads(line) for line in BUNDLED.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def build_gemma_style_tokenizer(texts: list[str], vocab_size: int = 400):
+def build_gemma_style_tokenizer(texts: list[str], vocab_size: int = 2000):
     """A byte-fallback BPE trained here, wrapped as a GemmaTokenizer (pad 0, eos 1, bos 2, like Gemma)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer

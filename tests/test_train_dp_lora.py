@@ -1,0 +1,219 @@
+"""train_dp_lora.py end to end on a tiny VaultGemma: outputs, LoRA-only updates, resume, budget, errors, tracking."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_dp_lora
+from utils import privacy
+
+FAST = ["--dataset", "bundled", "--logical_batch_size", "16", "--per_device_train_batch_size", "8",
+        "--eval_steps", "0", "--report_to", "none", "--epsilon", "3"]
+
+
+def run(model_dir, out, *extra):
+    args = train_dp_lora.parse_args(["--model", model_dir, "--output_dir", str(out), *FAST, *extra])
+    return train_dp_lora.main(args)
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+def adapter_tensors(adapter_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def dp_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp_run")
+    results = run(tiny_model_dir, out, "--max_steps", "4", "--save_steps", "2")
+    return out, results
+
+
+def test_help_exits_zero_and_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_dp_lora.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--epsilon", "3.0"), ("--delta", "None"), ("--max_grad_norm", "1.0"), ("--lora_r", "8"),
+                          ("--lora_alpha", "16"), ("--lora_dropout", "0.05"), ("--accountant", "prv"),
+                          ("--model", "google/vaultgemma-1b"), ("--dataset", "medalpaca/medical_meadow_medical_flashcards"),
+                          ("--report_to", "wandb"), ("--logical_batch_size", "64"), ("--seed", "42")]:
+        entry = text.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {default})" in entry, (flag, entry)
+
+
+def test_run_writes_adapters_args_split_and_privacy_report_within_target(dp_run, tiny_model_dir):
+    out, results = dp_run
+    for name in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
+                 "args.json", "split.json", "privacy_report.json", "all_results.json",
+                 "checkpoints/step_000002/training_state.pt", "checkpoints/step_000004/privacy_state.json"]:
+        assert (out / name).exists(), name
+    report = read(out / "privacy_report.json")
+    assert report["steps"] == report["planned_steps"] == 4
+    assert 0 < report["epsilon"] <= report["target_epsilon"] == 3.0
+    assert report["epsilon"] == results["privacy/epsilon"]
+    assert report["sampling"] == "poisson" and report["accountant"] == "prv" and report["dp_enabled"]
+    assert report["sample_rate"] == pytest.approx(16 / report["n_train"])
+    assert report["delta"] < 1 / report["n_train"]
+    # the noise was calibrated for exactly these 4 steps at this q
+    assert report["noise_multiplier"] == pytest.approx(privacy.calibrate_noise(3.0, report["delta"], report["sample_rate"], 4, "prv"))
+    assert report["epsilon_rdp"] >= report["epsilon"]
+    assert read(out / "args.json")["privacy"]["epsilon"] == 3.0
+
+
+def test_split_file_keeps_training_rows_out_of_validation_and_test(dp_run):
+    out, _ = dp_run
+    splits = read(out / "split.json")["splits"]
+    train = set(splits["train"]["hashes"])
+    assert train.isdisjoint(splits["test"]["hashes"]) and train.isdisjoint(splits["validation"]["hashes"])
+    assert len(splits["test"]["indices"]) == 26 and read(out / "privacy_report.json")["n_train"] == len(train) == 468
+
+
+def test_adapters_load_with_plain_peft_and_change_the_model(dp_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = dp_run
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    lora_b = [v for k, v in adapter_tensors(out / "adapter").items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means LoRA trained
+    assert set(k.split(".")[-2] for k in adapter_tensors(out / "adapter")) == {"lora_A", "lora_B"}
+    ids = torch.tensor([[2, 50, 60, 70]])
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            plain = model(ids).logits
+    assert not torch.allclose(tuned, plain)
+
+
+def test_base_weights_never_change_and_lora_weights_do(tiny_model_dir, tmp_path, monkeypatch):
+    captured = {}
+    build = train_dp_lora.build_model
+
+    def capture(*args, **kwargs):
+        model = build(*args, **kwargs)
+        captured["model"] = model
+        captured["before"] = {k: v.detach().clone() for k, v in model.named_parameters()}
+        return model
+
+    monkeypatch.setattr(train_dp_lora, "build_model", capture)
+    run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0")
+    after = dict(captured["model"].named_parameters())
+    lora = [k for k in after if "lora_" in k]
+    base = [k for k in after if "lora_" not in k]
+    assert lora and base
+    assert all(torch.equal(after[k], captured["before"][k]) for k in base)
+    assert all(not after[k].requires_grad for k in base)
+    assert any(not torch.equal(after[k], captured["before"][k]) for k in lora if "lora_B" in k)
+
+
+def test_resume_continues_to_the_same_adapters_and_epsilon_as_an_uninterrupted_run(dp_run, tiny_model_dir, tmp_path):
+    out, _ = dp_run  # 4 steps with checkpoints at 2 and 4
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    run(tiny_model_dir, resumed, "--max_steps", "4", "--save_steps", "2",
+        "--resume_from_checkpoint", str(out / "checkpoints" / "step_000002"))
+    full, cont = read(out / "privacy_report.json"), read(resumed / "privacy_report.json")
+    assert cont["steps"] == full["steps"] == 4
+    assert cont["epsilon"] == pytest.approx(full["epsilon"], rel=1e-9)
+    # epsilon(2 + 2 resumed) == epsilon(4) computed from scratch
+    assert cont["epsilon"] == pytest.approx(privacy.epsilon_after(4, full["noise_multiplier"], full["sample_rate"], full["delta"], "prv"), rel=1e-6)
+    state = read(resumed / "checkpoints" / "step_000004" / "privacy_state.json")
+    assert sum(h[2] for h in state["accountant_history"]) == 4
+    a, b = adapter_tensors(out / "adapter"), adapter_tensors(resumed / "adapter")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_latest_picks_the_highest_step(dp_run, tiny_model_dir, tmp_path):
+    import shutil
+
+    out, _ = dp_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "checkpoints", copy / "checkpoints")
+    run(tiny_model_dir, copy, "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "latest")
+    assert read(copy / "privacy_report.json")["epsilon"] == pytest.approx(read(out / "privacy_report.json")["epsilon"])
+
+
+@pytest.mark.parametrize("change", [["--max_grad_norm", "0.5"], ["--logical_batch_size", "8"], ["--epsilon", "8"]])
+def test_resume_with_different_clip_sample_rate_or_noise_is_refused(dp_run, tiny_model_dir, tmp_path, change):
+    out, _ = dp_run
+    args = train_dp_lora.parse_args(["--model", tiny_model_dir, "--output_dir", str(tmp_path), *FAST, "--max_steps", "4",
+                                     "--resume_from_checkpoint", str(out / "checkpoints" / "step_000002"), *change])
+    with pytest.raises(train_dp_lora.cli.ArgumentErrors, match="privacy parameters differ"):
+        train_dp_lora.main(args)
+
+
+def test_budget_guard_stops_before_epsilon_passes_the_target(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # Pretend calibration came out too low: the guard, not the calibration, must then keep epsilon <= target.
+    honest = privacy.calibrate_noise
+    monkeypatch.setattr(privacy, "calibrate_noise", lambda *a, **k: 0.6 * honest(*a, **k))
+    run(tiny_model_dir, tmp_path, "--max_steps", "6", "--save_steps", "0")
+    report = read(tmp_path / "privacy_report.json")
+    assert report["stopped_by_budget"] and report["steps"] < 6
+    assert report["epsilon"] <= 3.0
+    assert privacy.epsilon_after(report["steps"] + 1, report["noise_multiplier"], report["sample_rate"], report["delta"], "prv") > 3.0
+    assert "would take epsilon past the target" in capsys.readouterr().out
+
+
+def test_loss_threshold_checkpoint_is_marked_as_selected_on_private_data(tiny_model_dir, tmp_path):
+    run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--save_loss_threshold", "100")
+    selected = read(tmp_path / "checkpoints" / "step_000001" / "privacy_report.json")
+    assert selected["selected_on_private_data"] and "save_loss_threshold" in selected["selection"]["rule"]
+    assert not read(tmp_path / "privacy_report.json")["selected_on_private_data"]  # the final adapters are the last step's
+
+
+def test_disable_dp_runs_the_same_loop_without_a_guarantee(tiny_model_dir, tmp_path):
+    results = run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--disable_dp")
+    report = read(tmp_path / "privacy_report.json")
+    assert not report["dp_enabled"] and report["noise_multiplier"] == 0.0 and report["epsilon"] == float("inf")
+    assert results["steps"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_bad_arguments_are_all_reported_at_once(capsys):
+    code = train_dp_lora.cli_main(["--epsilon", "0", "--max_grad_norm", "-1", "--lora_r", "0", "--learning_rate", "0",
+                                   "--validation_fraction", "0.6", "--test_fraction", "0.6"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for fragment in ["--epsilon", "--max_grad_norm", "--lora_r", "--learning_rate", "--validation_fraction"]:
+        assert fragment in err
+
+
+def test_delta_not_below_one_over_n_is_refused(tiny_model_dir, tmp_path, capsys):
+    code = train_dp_lora.cli_main(["--model", tiny_model_dir, "--output_dir", str(tmp_path), *FAST, "--delta", "0.01"])
+    assert code == 2 and "--delta 0.01 must be in (0, 1/N)" in capsys.readouterr().err
+
+
+def test_bad_data_file_gives_one_line_error(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\nQ?,A.\n", encoding="utf-8")
+    args = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "o"), *FAST, "--dataset", str(bad)]
+    assert train_dp_lora.cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing column(s) input, output" in err and len(err.splitlines()) == 1
+
+
+def test_wandb_offline_run_records_epsilon_and_loss(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    args = train_dp_lora.parse_args(["--model", tiny_model_dir, "--output_dir", str(tmp_path), *FAST,
+                                     "--max_steps", "2", "--save_steps", "0", "--report_to", "wandb"])
+    train_dp_lora.main(args)
+    out = capsys.readouterr().out
+    assert "wandb sync" in out
+    runs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    # wandb-core writes the history as protobuf records whose values are JSON text: find the logged values in it
+    records = runs[0].read_bytes()
+    report = read(tmp_path / "privacy_report.json")
+    assert json.dumps(report["epsilon"]).encode() in records  # the final epsilon, logged at the last step
+    for key in [b"privacy/epsilon", b"privacy/delta", b"train/loss", b"train/lr"]:
+        assert records.count(key) >= 2, key  # one history row per optimizer step
