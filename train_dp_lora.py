@@ -37,7 +37,7 @@ import torch
 
 from utils import checkpoint as ckpt
 from utils import cli, privacy, tracking
-from utils.data import HUB_DATASET, DataError, clean_rows, collate, read_rows, split_record, split_rows, tokenize_cards
+from utils.data import BUNDLED_DATASET, HUB_DATASET, DataError, is_local_source, clean_rows, collate, read_rows, split_record, split_rows, tokenize_cards
 from utils.loss import per_example_loss
 from utils.model_loading import DEFAULT_MODEL, ModelLoadError, default_compute_dtype, load_base_model, load_tokenizer
 
@@ -159,7 +159,8 @@ def prepare_data(args, tokenizer):
     split = split_rows(len(cards), d.validation_fraction, d.test_fraction, t.seed)
     if d.max_train_samples > 0:
         split["train"] = split["train"][: d.max_train_samples]
-    record = split_record(d.dataset, cards, split, t.seed, stats)
+    source = os.path.abspath(d.dataset) if d.dataset != BUNDLED_DATASET and is_local_source(d.dataset) else d.dataset
+    record = split_record(source, cards, split, t.seed, stats)  # an absolute path, so evaluation finds it from anywhere
     train, too_long_train = tokenize_cards(tokenizer, [cards[i] for i in split["train"]], d.max_seq_length)
     validation, too_long_val = tokenize_cards(tokenizer, [cards[i] for i in split["validation"]], d.max_seq_length)
     stats = dict(stats, skipped_too_long=too_long_train + too_long_val, n_train=len(train), n_validation=len(validation), n_test=len(split["test"]))
@@ -222,8 +223,7 @@ def privacy_report(plan, accountant, steps_taken, counters, selected=None) -> di
 
 def save_checkpoint(path, model, tokenizer, optimizer, scheduler, noise_generator, step, state, report, resolved):
     def write(tmp):
-        model.save_pretrained(tmp / "adapter")
-        tokenizer.save_pretrained(tmp / "adapter")
+        ckpt.save_adapter(model, tokenizer, tmp / "adapter")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": ckpt.rng_state(noise_generator)}, tmp / "training_state.pt")
         ckpt.write_json(tmp / "privacy_state.json", state)
@@ -379,7 +379,7 @@ def main(args):
         out = Path(t.output_dir)
         save_checkpoint(out / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(steps_taken), model, tokenizer, optimizer, scheduler,
                         noise_generator, steps_taken, privacy_state(plan, accountant, steps_taken), report, resolved)
-        ckpt.atomic_directory(out / "adapter", lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        ckpt.atomic_directory(out / "adapter", lambda tmp: ckpt.save_adapter(model, tokenizer, tmp))
         ckpt.write_json(out / "privacy_report.json", report)
         ckpt.write_json(out / "all_results.json", results)
     run_dir = tracking.wandb_run_dir(accelerator) if t.report_to == "wandb" else None

@@ -50,7 +50,7 @@ def test_help_exits_zero_and_shows_every_default(capsys):
 
 def test_run_writes_adapters_args_split_and_privacy_report_within_target(dp_run, tiny_model_dir):
     out, results = dp_run
-    for name in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
+    for name in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json", "adapter/NOTICE",
                  "args.json", "split.json", "privacy_report.json", "all_results.json",
                  "checkpoints/step_000002/training_state.pt", "checkpoints/step_000004/privacy_state.json"]:
         assert (out / name).exists(), name

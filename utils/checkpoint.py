@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 CHECKPOINT_DIR = "checkpoints"
+# Adapters are Model Derivatives under the Gemma Terms of Use, which require this notice with every copy.
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -55,6 +57,13 @@ def atomic_directory(final_path: str | Path, write) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final_path
+
+
+def save_adapter(model, tokenizer, directory) -> None:
+    """PEFT adapters + tokenizer + the Gemma NOTICE, in one directory."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    Path(directory, "NOTICE").write_text(GEMMA_NOTICE, encoding="utf-8")
 
 
 def rng_state(noise_generator: torch.Generator | None) -> dict:
