@@ -13,8 +13,9 @@ Contract
   anything else                     a Hugging Face hub id (default google/vaultgemma-1b)
 
 Network: the HF cache / kagglehub cache is always tried first. Only on a miss do we download, and only
-after a ~3 s reachability probe, so offline runs fail in seconds (not after the hub client's ~2 min of
-retries) with a ModelLoadError that names the offline alternatives.
+after a ~3 s reachability probe, so offline runs fail in seconds (not after the hub client's retries,
+~23 s per file) with a ModelLoadError that names the offline alternatives. hub_unreachable_reason() is
+that probe for other hub users (datasets).
 
 load_tokenizer(): padding_side="right", BOS prepended, pad token distinct from EOS. Gemma tokenizers
 already have "<pad>" (id 0), so nothing is added; otherwise "<pad>" is added and, if that grows the
@@ -117,8 +118,9 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def _host_reachable(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
-    """True if a TCP connection to url's host (or to the proxy for it) opens within timeout_s."""
+def _host_reachable(url: str, timeout_s: float | None = None) -> bool:
+    """True if a TCP connection to url's host (or to the proxy for it) opens within timeout_s (default PROBE_TIMEOUT_S)."""
+    timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
     opened = []
 
     def connect():
@@ -267,8 +269,12 @@ def _embedded_model_dir() -> Path:
     print(f"converting embedded Gemma 3 270M (GGUF) to a safetensors cache at {cache_dir} (one time, ~1-2 min)", file=sys.stderr)
     started = time.time()
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    building_prefix = f".{EMBEDDED_MODEL}-building-"
+    for stale in cache_dir.parent.glob(building_prefix + "*"):  # left by a killed run; an hour is far past any live one
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     # build everything in a temp dir beside the cache, then rename: a killed run never leaves half a cache
-    with tempfile.TemporaryDirectory(dir=cache_dir.parent, prefix=f".{EMBEDDED_MODEL}-building-") as work:
+    with tempfile.TemporaryDirectory(dir=cache_dir.parent, prefix=building_prefix) as work:
         work = Path(work)
         gguf_path = embedded_gguf.assemble(work / embedded_gguf.MODEL_NAME)  # sha256-checked
         tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf_path.name)
@@ -367,11 +373,16 @@ def load_base_model(
             raise ModelLoadError("4-bit loading needs bitsandbytes (pip install bitsandbytes)") from None
         kwargs["quantization_config"] = _nf4_config(dtype)
         # bnb quantizes while placing weights, so place them directly (a later .to() can't move 4-bit layers reliably)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         kwargs["device_map"] = {"": device}
 
     def load(path, gguf_file=None, local_files_only=True):
         if not gguf_file:
-            return AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only, **kwargs)
+            # adapter_kwargs: transformers' PEFT-adapter probe ignores local_files_only and would retry the hub ~20 s
+            return AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=local_files_only, adapter_kwargs={"local_files_only": local_files_only}, **kwargs
+            )
         if load_in_4bit:
             raise ModelLoadError(f"4-bit loading of a GGUF file ({gguf_file}) is not supported; drop --load-in-4bit or use a save_pretrained directory")
         gguf_model = AutoModelForCausalLM.from_pretrained(
