@@ -19,13 +19,19 @@ def wandb_has_credentials() -> bool:
     return any("wandb" in host for host in hosts)
 
 
-def prepare_wandb_environment(output_dir: str) -> str:
+def prepare_wandb_environment() -> str:
     """Set W&B's environment before it is imported; returns 'online' or 'offline'."""
-    os.environ.setdefault("WANDB_DIR", os.path.abspath(output_dir))
     os.environ.setdefault("WANDB_SILENT", "true")
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun") and not wandb_has_credentials():
         os.environ["WANDB_MODE"] = "offline"
     return "offline" if os.environ.get("WANDB_MODE") in ("offline", "dryrun") else "online"
+
+
+def tracker_init_kwargs(report_to: str, output_dir: str, **wandb_kwargs) -> dict:
+    """Per-tracker init arguments: a W&B run lives under the run's own output directory."""
+    if report_to != "wandb":
+        return {}
+    return {"wandb": {"dir": os.path.abspath(output_dir), **wandb_kwargs}}
 
 
 def tracker_names(report_to: str) -> list[str]:
