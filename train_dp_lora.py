@@ -16,7 +16,8 @@ Privacy contract
   never takes a step that would push epsilon past the target.
 - Epsilon covers the released adapters (any function of them). It does not cover the logged
   training loss or a checkpoint chosen by --save_loss_threshold (both computed from private data,
-  and marked as such), nor the base model's own pre-training data.
+  and marked as such), nor the base model's own pre-training data. LOGGED_METRICS lists every
+  tracked metric and which ones are computed from private data.
 
 Run
     accelerate launch train_dp_lora.py --epsilon 3                                  # VaultGemma 1B, hub data
@@ -36,10 +37,22 @@ from pathlib import Path
 import torch
 
 from utils import checkpoint as ckpt
-from utils import cli, privacy, tracking
+from utils import cli, distributed, privacy, tracking
 from utils.data import BUNDLED_DATASET, HUB_DATASET, DataError, is_local_source, clean_rows, collate, read_rows, split_record, split_rows, tokenize_cards
 from utils.loss import per_example_loss
 from utils.model_loading import DEFAULT_MODEL, ModelLoadError, default_compute_dtype, load_base_model, load_tokenizer
+
+# Every metric sent to the tracker, and what it is computed from. Epsilon covers none of the
+# data-dependent ones (they are outside the released adapters); N, and so q and the default delta,
+# is treated as public, as DP-SGD accounting does.
+LOGGED_METRICS = {
+    "train/loss": "private: mean loss of the step's Poisson-sampled training rows",
+    "train/lr": "public: the learning-rate schedule at this step",
+    "train/batch_size": "private: how many rows the Poisson draw took (leaks a little about N and membership)",
+    "privacy/epsilon": "public: the accountant's epsilon so far (function of q, sigma, steps, delta)",
+    "privacy/delta": "public: the target delta",
+    "eval/loss": "private: mean loss on the validation rows, which no DP guarantee covers",
+}
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -167,11 +180,12 @@ def prepare_data(args, tokenizer):
     return train, validation, record, stats
 
 
-def build_model(args, tokenizer, device):
+def build_model(args, tokenizer, device, mixed_precision="no"):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     m, lora = args.model, args.lora
-    dtype = DTYPES[m.dtype] or default_compute_dtype(device)
+    # --dtype auto: the base in Accelerate's mixed precision (bf16 from accelerate_config.yaml), else the device default
+    dtype = DTYPES[m.dtype] or distributed.MIXED_PRECISION_DTYPES.get(mixed_precision) or default_compute_dtype(device)
     model = load_base_model(m.model, load_in_4bit=m.load_in_4bit, dtype=dtype, device=device)
     if m.load_in_4bit:
         # norms to fp32, no gradient checkpointing: Opacus's hooks need each layer's activations
@@ -188,15 +202,17 @@ def build_model(args, tokenizer, device):
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, batch_size, pad_id, device) -> float:
-    """Mean per-example answer loss over held-out examples."""
+def evaluate_loss(model, examples, batch_size, pad_id, device, rank=0, world_size=1) -> float:
+    """Mean per-example answer loss over held-out examples (with several processes each evaluates a share)."""
     model.eval()
     losses = []
+    examples = distributed.shard(examples, rank, world_size)
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
         losses.append(per_example_loss(model, batch).float().cpu())
     model.train()
-    return torch.cat(losses).mean().item() if losses else float("nan")
+    mean = torch.cat(losses).mean().item() if losses else float("nan")
+    return mean if world_size == 1 else distributed.mean_across_ranks(mean, len(examples), device)
 
 
 def make_schedule(optimizer, total_steps, warmup_ratio):
@@ -213,6 +229,8 @@ def privacy_state(plan, accountant, steps_taken) -> dict:
 def privacy_report(plan, accountant, steps_taken, counters, selected=None) -> dict:
     spent = accountant.get_epsilon(plan["delta"]) if accountant and accountant.history else (0.0 if plan["dp_enabled"] else float("inf"))
     report = dict(plan, epsilon=spent, steps=steps_taken, **counters)
+    if plan["dp_enabled"]:  # the exact mechanism accounted for, so any accountant can recompute epsilon
+        report["dp_event"] = privacy.dp_event(accountant.history if accountant else [])
     if plan["dp_enabled"] and steps_taken:
         report["epsilon_rdp"] = privacy.epsilon_after(steps_taken, plan["noise_multiplier"], plan["sample_rate"], plan["delta"], "rdp")
     report["selected_on_private_data"] = selected is not None
@@ -221,11 +239,12 @@ def privacy_report(plan, accountant, steps_taken, counters, selected=None) -> di
     return report
 
 
-def save_checkpoint(path, model, tokenizer, optimizer, scheduler, noise_generator, step, state, report, resolved):
+def save_checkpoint(path, model, tokenizer, optimizer, scheduler, noise_generator, step, state, report, resolved, rng_per_rank=None):
     def write(tmp):
         ckpt.save_adapter(model, tokenizer, tmp / "adapter")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": ckpt.rng_state(noise_generator)}, tmp / "training_state.pt")
+                    "rng": ckpt.rng_state(noise_generator), **({"rng_per_rank": rng_per_rank} if rng_per_rank else {})},
+                   tmp / "training_state.pt")
         ckpt.write_json(tmp / "privacy_state.json", state)
         ckpt.write_json(tmp / "privacy_report.json", report)
         ckpt.write_json(tmp / "args.json", resolved)
@@ -233,7 +252,7 @@ def save_checkpoint(path, model, tokenizer, optimizer, scheduler, noise_generato
     return ckpt.atomic_directory(path, write)
 
 
-def resume(path, model, optimizer, scheduler, noise_generator, plan, accountant) -> int:
+def resume(path, model, optimizer, scheduler, noise_generator, plan, accountant, rank=0, world_size=1) -> int:
     """Restore a checkpoint after checking it was made with the same privacy parameters; returns its step."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -247,10 +266,18 @@ def resume(path, model, optimizer, scheduler, noise_generator, plan, accountant)
     state = torch.load(Path(path) / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    ckpt.restore_rng_state(state["rng"], noise_generator)
+    ckpt.restore_rng_state(distributed.rng_state_for_rank(state, rank, world_size), noise_generator)
     if accountant is not None:
         accountant.history = [tuple(h) for h in saved["accountant_history"]]
     return state["step"]
+
+
+def gather_run_state(noise_generator, counters, world_size, device):
+    """(every rank's RNG state or None, counters summed over ranks) for a checkpoint or the report; collective."""
+    if world_size == 1:
+        return None, counters
+    nonfinite, = distributed.sum_across_ranks([counters["nonfinite_examples"]], device)  # per rank; the rest are global
+    return distributed.gather_rng_states(ckpt.rng_state(noise_generator)), dict(counters, nonfinite_examples=int(nonfinite))
 
 
 def main(args):
@@ -260,11 +287,15 @@ def main(args):
 
     validate_args(args)
     m, d, p, t = args.model, args.data, args.privacy, args.training
-    os.makedirs(t.output_dir, exist_ok=True)
     if t.report_to == "wandb":
-        wandb_mode = tracking.prepare_wandb_environment(t.output_dir)
-    accelerator = Accelerator(log_with=tracking.tracker_names(t.report_to) or None, project_dir=t.output_dir)
-    set_seed(t.seed)
+        wandb_mode = tracking.prepare_wandb_environment()
+    accelerator = Accelerator(log_with=tracking.tracker_names(t.report_to) or None, project_dir=t.output_dir,
+                              cpu=distributed.needs_cpu_backend())
+    distributed.check_launch(accelerator)
+    world, rank = accelerator.num_processes, accelerator.process_index  # utils/distributed.py: how W processes share a step
+    if accelerator.is_main_process:  # only rank 0 writes
+        os.makedirs(t.output_dir, exist_ok=True)
+    set_seed(t.seed, device_specific=True)  # rank r: seed + r (dropout); LoRA init comes from rank 0
     device = accelerator.device
 
     tokenizer = load_tokenizer(m.model)
@@ -281,10 +312,15 @@ def main(args):
             "target_epsilon": p.epsilon if dp else None, "delta": delta, "noise_multiplier": sigma, "sample_rate": q,
             "max_grad_norm": p.max_grad_norm if dp else None, "expected_batch_size": t.logical_batch_size,
             "planned_steps": steps, "accountant": p.accountant, "n_train": n_train, "secure_mode": p.secure_mode,
-            "dataset": d.dataset, "dataset_fingerprint": split_info["dataset_fingerprint"], "seed": t.seed}
+            "dataset": d.dataset, "dataset_fingerprint": split_info["dataset_fingerprint"], "seed": t.seed,
+            "world_size": world, "draw_split": distributed.DRAW_SPLIT}
+    if world > 1:  # e.g. nodes reading different copies of the data would draw different rows
+        distributed.check_same_on_all_ranks("the privacy plan", plan, device)
 
-    model = build_model(args, tokenizer, device)
+    model = build_model(args, tokenizer, device, accelerator.mixed_precision)
     params = [q_ for q_ in model.parameters() if q_.requires_grad]
+    if world > 1:
+        distributed.broadcast_trainable_parameters(params)
     n_trainable, n_total = sum(x.numel() for x in params), sum(x.numel() for x in model.parameters())
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = make_schedule(optimizer, steps, t.warmup_ratio)
@@ -293,22 +329,26 @@ def main(args):
         privacy.attach_per_sample_hooks(model, p.grad_sample_mode)
         if not p.secure_mode:
             noise_generator = torch.Generator(device=device).manual_seed(t.seed + 1)
-        optimizer = privacy.make_dp_optimizer(optimizer, sigma, p.max_grad_norm, t.logical_batch_size, noise_generator, p.secure_mode)
+        if world == 1:
+            optimizer = privacy.make_dp_optimizer(optimizer, sigma, p.max_grad_norm, t.logical_batch_size, noise_generator, p.secure_mode)
+        else:  # noise once, on rank 0; the all-reduced gradient is divided by the logical batch once
+            optimizer = distributed.make_dp_optimizer(optimizer, sigma, p.max_grad_norm, t.logical_batch_size, world, noise_generator, p.secure_mode)
         accountant = privacy.make_accountant(p.accountant)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
     start_step = 0
     if t.resume_from_checkpoint:
         resume_path = ckpt.find_checkpoint(t.output_dir, t.resume_from_checkpoint)
-        start_step = resume(resume_path, model, optimizer, scheduler, noise_generator, plan, accountant)
+        start_step = resume(resume_path, model, optimizer, scheduler, noise_generator, plan, accountant, rank, world)
         accelerator.print(f"Resumed from {resume_path} at step {start_step}")
 
     resolved = cli.to_dict(args)
-    ckpt.write_json(Path(t.output_dir) / "args.json", resolved)
-    ckpt.write_json(Path(t.output_dir) / "split.json", split_info)
-    accelerator.init_trackers(t.project_name, config=tracking.flatten_config(resolved))
+    if accelerator.is_main_process:
+        ckpt.write_json(Path(t.output_dir) / "args.json", resolved)
+        ckpt.write_json(Path(t.output_dir) / "split.json", split_info)
+    accelerator.init_trackers(t.project_name, config=tracking.flatten_config(resolved), init_kwargs=tracking.tracker_init_kwargs(t.report_to, t.output_dir))
     accelerator.print(
         f"***** Running {'DP' if dp else 'NON-PRIVATE'} LoRA training *****\n"
-        f"  model {m.model} on {device}; trainable {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)\n"
+        f"  model {m.model} on {device}" + (f" and {world - 1} more processes" if world > 1 else "") + f"; trainable {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)\n"
         f"  N (training rows) = {n_train}; validation {len(validation)}; test {data_stats['n_test']}\n"
         f"  skipped rows: {data_stats['skipped_empty']} empty, {data_stats['duplicates_dropped']} duplicates, {data_stats['skipped_too_long']} too long\n"
         f"  logical batch (expected) = {t.logical_batch_size}, physical batch = {t.per_device_train_batch_size}, sample rate q = {q:.5f}\n"
@@ -323,6 +363,7 @@ def main(args):
     lengths = [len(e["input_ids"]) for e in train]
     counters = {"empty_steps": 0, "nonfinite_examples": 0, "stopped_by_budget": False}
     step, train_loss, started = start_step, float("nan"), time.time()
+    examples = {"drawn": 0, "processed": 0}  # over the whole run, all ranks
     model.train()
     progress = tqdm(range(start_step, steps), disable=not accelerator.is_main_process, desc="train")
     for step in range(start_step, steps):
@@ -330,58 +371,83 @@ def main(args):
             counters["stopped_by_budget"] = True
             accelerator.print(f"Stopping before step {step + 1}: it would take epsilon past the target {p.epsilon}")
             break
-        batches = privacy.physical_batches(sampler.draw(step), lengths, t.per_device_train_batch_size)
+        drawn = distributed.global_draw(sampler, step, device, world)
+        batches = privacy.physical_batches(distributed.split_draw(drawn, lengths, rank, world), lengths, t.per_device_train_batch_size)
         losses = []
         for i, rows in enumerate(batches):
             batch = {k: v.to(device) for k, v in collate([train[r] for r in rows], tokenizer.pad_token_id).items()}
             example_losses = per_example_loss(model, batch)
+            finite = torch.isfinite(example_losses)  # a NaN/inf example is left out of the sum and counted
             # DP: sum, so each per-sample gradient is that example's own; the DP optimizer divides by the expected batch
-            (example_losses.sum() if dp else example_losses.sum() / t.logical_batch_size).backward()
+            kept_sum = example_losses[finite].sum()
+            (kept_sum if dp else kept_sum / t.logical_batch_size).backward()
             losses.append(example_losses.detach().float())
-            if dp:
-                counters["nonfinite_examples"] += privacy.zero_nonfinite_grad_samples(params)
+            if dp:  # ... and its per-sample gradient zeroed, whatever backward made of it
+                counters["nonfinite_examples"] += privacy.zero_nonfinite_grad_samples(params, ~finite)
                 if i < len(batches) - 1:  # clip and accumulate this physical batch; noise once per logical batch
                     optimizer.signal_skip_step(do_skip=True)
                     optimizer.step()
                     optimizer.zero_grad()
-        if not batches:
-            counters["empty_steps"] += 1
+            else:
+                counters["nonfinite_examples"] += int((~finite).sum())
+        if not batches:  # an empty draw, or an empty share of it: this rank still steps and joins the all-reduce
+            counters["empty_steps"] += int(not drawn)
             privacy.prepare_empty_step(params, dp)
+        if world > 1 and not dp:
+            distributed.sum_gradients(params)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_losses = torch.cat(losses) if losses else torch.empty(0)
-        train_loss = step_losses[torch.isfinite(step_losses)].mean().item() if len(step_losses) else float("nan")
+        if world == 1:
+            train_loss = step_losses[torch.isfinite(step_losses)].mean().item() if len(step_losses) else float("nan")
+            n_processed = len(step_losses)
+        else:  # the whole step's loss, and a check that the ranks processed exactly the draw
+            train_loss, n_processed = distributed.step_totals(step_losses, len(drawn), device)
+        examples["drawn"] += len(drawn)
+        examples["processed"] += n_processed
         epsilon = accountant.get_epsilon(delta) if dp else float("inf")
-        metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0], "train/batch_size": len(step_losses),
+        metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0], "train/batch_size": n_processed,
                    "privacy/epsilon": epsilon, "privacy/delta": delta}
         if t.eval_steps and (step + 1) % t.eval_steps == 0 and validation:
-            metrics["eval/loss"] = evaluate_loss(model, validation, t.per_device_train_batch_size, tokenizer.pad_token_id, device)
+            metrics["eval/loss"] = evaluate_loss(model, validation, t.per_device_train_batch_size, tokenizer.pad_token_id, device, rank, world)
         accelerator.log(metrics, step=step + 1)
         progress.update(1)
         progress.set_postfix(loss=f"{train_loss:.3f}", eps=f"{epsilon:.3f}" if dp else "inf")
         selected = t.save_loss_threshold is not None and math.isfinite(train_loss) and train_loss < t.save_loss_threshold
-        if accelerator.is_main_process and ((t.save_steps and (step + 1) % t.save_steps == 0) or selected):
+        if (t.save_steps and (step + 1) % t.save_steps == 0) or selected:  # the same decision on every rank (global loss)
+            rng_per_rank, run_counters = gather_run_state(noise_generator, counters, world, device)
             selection = {"rule": f"training loss {train_loss:.4f} < --save_loss_threshold {t.save_loss_threshold}", "step": step + 1} if selected else None
-            save_checkpoint(Path(t.output_dir) / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(step + 1), model, tokenizer, optimizer, scheduler,
-                            noise_generator, step + 1, privacy_state(plan, accountant, step + 1), privacy_report(plan, accountant, step + 1, counters, selection), resolved)
+            if accelerator.is_main_process:
+                save_checkpoint(Path(t.output_dir) / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(step + 1), model, tokenizer, optimizer, scheduler, noise_generator,
+                                step + 1, privacy_state(plan, accountant, step + 1), privacy_report(plan, accountant, step + 1, run_counters, selection), resolved, rng_per_rank)
     else:
         step = steps
     progress.close()
     steps_taken = step if counters["stopped_by_budget"] else steps
 
-    eval_loss = evaluate_loss(model, validation, t.per_device_train_batch_size, tokenizer.pad_token_id, device) if validation else float("nan")
+    eval_loss = evaluate_loss(model, validation, t.per_device_train_batch_size, tokenizer.pad_token_id, device, rank, world) if validation else float("nan")
+    rng_per_rank, counters = gather_run_state(noise_generator, counters, world, device)
+    distributed.assert_not_wrapped(model)
+    parallel = dict(world_size=world, draw_split=distributed.DRAW_SPLIT, model_class=type(model).__name__,
+                    examples_drawn=examples["drawn"], examples_processed=examples["processed"])
+    if world > 1:
+        parallel["replicas_identical"] = distributed.replicas_identical(params)
+        if not parallel["replicas_identical"]:
+            accelerator.print("WARNING: ranks ended with different LoRA weights; the saved adapters are rank 0's")
     report = privacy_report(plan, accountant, steps_taken, counters)
     results = {"train/loss": train_loss, "eval/loss": eval_loss, "privacy/epsilon": report["epsilon"], "privacy/delta": delta,
-               "steps": steps_taken, "train_seconds": time.time() - started, "trainable_parameters": n_trainable, "data": data_stats}
+               "steps": steps_taken, "train_seconds": time.time() - started, "trainable_parameters": n_trainable, "data": data_stats,
+               "distributed": parallel}
     accelerator.log({"eval/loss": eval_loss}, step=steps_taken)
     if accelerator.is_main_process:
         out = Path(t.output_dir)
         save_checkpoint(out / ckpt.CHECKPOINT_DIR / ckpt.step_dir_name(steps_taken), model, tokenizer, optimizer, scheduler,
-                        noise_generator, steps_taken, privacy_state(plan, accountant, steps_taken), report, resolved)
+                        noise_generator, steps_taken, privacy_state(plan, accountant, steps_taken), report, resolved, rng_per_rank)
         ckpt.atomic_directory(out / "adapter", lambda tmp: ckpt.save_adapter(model, tokenizer, tmp))
         ckpt.write_json(out / "privacy_report.json", report)
         ckpt.write_json(out / "all_results.json", results)
+    accelerator.wait_for_everyone()  # every rank returns only once the outputs exist
     run_dir = tracking.wandb_run_dir(accelerator) if t.report_to == "wandb" else None
     accelerator.end_training()
     accelerator.print(
@@ -389,6 +455,8 @@ def main(args):
         + (f"epsilon = {report['epsilon']:.4f} (target {p.epsilon}), delta = {delta:.3g}" if dp else "no privacy guarantee (--disable_dp)")
         + f"\n  adapters: {Path(t.output_dir) / 'adapter'}; report: {Path(t.output_dir) / 'privacy_report.json'}"
         + (f"\n  W&B offline run: {run_dir}; upload with `wandb sync {run_dir}`" if run_dir and os.environ.get("WANDB_MODE") == "offline" else "")
+        + (f"\n  {counters['empty_steps']} empty Poisson draws (noise-only steps), {counters['nonfinite_examples']} examples with a NaN/inf loss or gradient left out"
+           if counters["empty_steps"] or counters["nonfinite_examples"] else "")
     )
     return results
 

@@ -202,7 +202,6 @@ def test_bad_data_file_gives_one_line_error(tiny_model_dir, tmp_path, capsys):
 def test_wandb_offline_run_records_epsilon_and_loss(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     args = train_dp_lora.parse_args(["--model", tiny_model_dir, "--output_dir", str(tmp_path), *FAST,
                                      "--max_steps", "2", "--save_steps", "0", "--report_to", "wandb"])

@@ -1,0 +1,468 @@
+"""Score DP-LoRA adapters (and the base model) on held-out flashcards; draw the privacy-utility curve.
+
+Contract
+- Data: by default the held-out --split (test; or validation) of the first adapter's run, re-read
+  from the source recorded in RUN_DIR/split.json and checked against its fingerprint. With
+  --dataset SRC (a flashcard file, `bundled` or a hub id) every cleaned row of SRC is evaluated, or,
+  with --split test|validation, that split of the run re-read from SRC (the same data moved
+  elsewhere). --max_samples K keeps the first K rows.
+- No training rows, ever: each evaluated row's hash is compared with the training-row hashes in the
+  split.json of EVERY evaluated run, and a single match stops the script with an error. There is
+  no switch to turn this off: a score on rows a model was trained on measures memorisation, and it
+  would print next to an epsilon as if it were held-out quality.
+- Models: each --adapters (OUT/adapter, OUT, or OUT/checkpoints/step_N) is loaded exactly as
+  infer.py loads it (utils.generation.load_for_inference) and answers with the training prompt,
+  greedily, in batches (utils.generation.generate_answers). The base model the runs were trained on
+  is scored too (--no_base skips it; all runs must share one base model).
+- Metrics per model (fractions in [0, 1], see utils/metrics.py): exact match and token F1 after
+  SQuAD normalisation, ROUGE-L F-measure (rouge_score, no stemming), computed through the project's
+  offline `evaluate` module metrics/qa_metrics; NLL = mean over rows of each reference answer's mean
+  token negative log-likelihood (EOS included) under teacher forcing, the quantity training logs as
+  eval/loss; perplexity = exp(NLL).
+- Privacy columns: epsilon is the spent epsilon of the run's privacy_report.json (the accountant's
+  upper bound at its delta); `inf` marks a --disable_dp run; `*` marks a checkpoint selected on
+  private data, which that epsilon does not cover. The base model never saw the flashcards.
+- Outputs in --output_dir (default RUN_DIR/eval for one adapter, outputs/eval for several):
+  eval_results.json, predictions.jsonl (model, question, reference, prediction, em, f1, rougeL,
+  nll), with --curve privacy_utility.png, a table on the terminal, and the metrics, a summary table,
+  a predictions table and the plot in W&B (offline without a key) or TensorBoard.
+  predictions.jsonl and the W&B predictions table hold the evaluated rows' text: treat them like the
+  dataset itself (an online W&B run uploads them).
+- --curve: F1 and ROUGE-L against epsilon for the DP runs (log axis), the --disable_dp runs as a
+  separate "non-private" point right of a broken axis, the base model as dashed lines. Needs at
+  least one DP run among --adapters; runs should share a dataset and split (the refusal above
+  enforces that no run trained on an evaluated row).
+
+Run
+    python evaluate_qa.py --adapters outputs/dp_lora/adapter
+    python evaluate_qa.py --adapters outputs/eps1 outputs/eps3 outputs/eps8 outputs/nodp --curve --output_dir outputs/curve
+    python evaluate_qa.py --adapters outputs/dp_lora --dataset my_heldout_cards.jsonl --max_samples 200 --report_to none
+Exit status 2 with a one-line error for bad input (including an evaluation set that overlaps training rows).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from utils import cli, tracking
+from utils.data import BUNDLED_DATASET, DataError, clean_rows, collate, fingerprint, load_split, read_rows, row_hash
+from utils.generation import AdapterError, GenerationSettings, find_run_files, generate_answers, load_for_inference, settings_problems
+from utils.loss import per_example_loss
+from utils.model_loading import ModelLoadError
+from utils.prompt import encode_example
+
+METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "qa_metrics"
+RESULTS_FILE = "eval_results.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+CURVE_FILE = "privacy_utility.png"
+BASE_NAME = "base"
+METRIC_NAMES = ("exact_match", "f1", "rougeL", "nll", "perplexity")
+
+
+class EvaluationError(ValueError):
+    """A one-line, user-facing reason the evaluation cannot run (e.g. overlap with training rows)."""
+
+
+@dataclass
+class ModelArguments:
+    adapters: list[str] = field(default_factory=list, metadata={"help": "one or more adapter dirs (OUT/adapter, OUT, or OUT/checkpoints/step_N)"})
+    model: str | None = field(default=None, metadata={"help": "base model; default: the one the runs were trained on (args.json)"})
+    no_base: bool = field(default=False, metadata={"help": "do not score the base model"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "NF4 base (bitsandbytes), e.g. when training used --load_in_4bit"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(default=None, metadata={"help": "evaluate this flashcard source instead of the run's split (file, 'bundled' or hub id)"})
+    split: str | None = field(default=None, metadata={"help": "the run's held-out split; default test, or all rows of --dataset", "choices": ["test", "validation", "all"]})
+    max_samples: int = field(default=0, metadata={"help": "evaluate only the first K rows (0 = all)"})
+    batch_size: int = field(default=8, metadata={"help": "questions per generation / NLL batch"})
+
+
+@dataclass
+class OutputArguments:
+    output_dir: str | None = field(default=None, metadata={"help": "default RUN_DIR/eval (one adapter) or outputs/eval"})
+    curve: bool = field(default=False, metadata={"help": f"draw {CURVE_FILE}: F1 and ROUGE-L against epsilon"})
+    report_to: str = field(default="wandb", metadata={"help": "experiment tracker", "choices": ["wandb", "tensorboard", "none"]})
+    project_name: str = field(default="vaultgemma-dp-lora", metadata={"help": "tracker project"})
+
+
+GROUPS = {"model": ModelArguments, "data": DataArguments, "generation": GenerationSettings, "output": OutputArguments}
+
+
+def parse_args(argv=None):
+    parser = cli.build_parser(__doc__.split("\n\n")[0], GROUPS)
+    return cli.parse_into(parser, GROUPS, argv)
+
+
+def validate_args(args) -> None:
+    m, d, o = args.model, args.data, args.output
+    problems = settings_problems(args.generation)
+    if not m.adapters:
+        problems.append("--adapters: give at least one adapter directory")
+    if d.split == "all" and not d.dataset:
+        problems.append("--split all needs --dataset (a run's own data has train rows; use test or validation)")
+    if d.max_samples < 0:
+        problems.append(f"--max_samples must be >= 0, got {d.max_samples}")
+    if d.batch_size < 1:
+        problems.append(f"--batch_size must be >= 1, got {d.batch_size}")
+    if o.curve and m.adapters and len(m.adapters) < 2:
+        problems.append("--curve needs several --adapters (e.g. runs at epsilon 1, 3, 8 and a --disable_dp run)")
+    if problems:
+        raise cli.ArgumentErrors(problems)
+
+
+# -----------------------------------------------------------------------------
+# runs and data
+
+def describe_run(adapters: str) -> dict:
+    """What evaluation needs to know about one adapter: its files, privacy, split and a display name."""
+    files = find_run_files(adapters)
+    run_dir = files["run_dir"]
+    # a checkpoint (OUT/checkpoints/step_N) keeps its args and privacy report; the split lives in OUT
+    candidates = [run_dir, run_dir.parent.parent] if run_dir is not None and run_dir.parent.name == "checkpoints" else [run_dir]
+    split_path = next((c / "split.json" for c in candidates if c is not None and (c / "split.json").is_file()), None)
+    if split_path is None:
+        raise EvaluationError(f"{files['adapter_dir']}: no split.json in its run directory, so its training rows are unknown; "
+                              "evaluate adapters from a train_dp_lora.py output directory")
+    try:
+        split = json.loads(split_path.read_text(encoding="utf-8"))
+        train_hashes = set(split["splits"]["train"]["hashes"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise EvaluationError(f"{split_path} is not a split record written by train_dp_lora.py ({type(error).__name__}: {error})") from None
+    report = files["privacy_report"] or {}
+    name = run_dir.name
+    if files["adapter_dir"].parent.parent.name == "checkpoints":  # OUT/checkpoints/step_N/adapter
+        name = f"{files['adapter_dir'].parent.parent.parent.name}@{files['adapter_dir'].parent.name}"
+    dp = bool(report.get("dp_enabled", False))
+    epsilon = report.get("epsilon")
+    return {
+        "name": name,
+        "adapter_dir": str(files["adapter_dir"]),
+        "run_dir": str(run_dir),
+        "split_path": str(split_path),
+        "base_model": ((files["args"] or {}).get("model") or {}).get("model"),
+        "train_hashes": train_hashes,
+        "dataset": split["dataset"],
+        "dp_enabled": dp,
+        "epsilon": float(epsilon) if dp and isinstance(epsilon, (int, float)) else (math.inf if not dp else None),
+        "target_epsilon": report.get("target_epsilon"),
+        "delta": report.get("delta") if dp else None,
+        "accountant": report.get("accountant") if dp else None,
+        "steps": report.get("steps"),
+        "n_train": report.get("n_train"),
+        "selected_on_private_data": bool(report.get("selected_on_private_data")),
+    }
+
+
+def unique_names(runs: list[dict]) -> None:
+    seen = {BASE_NAME: 1}
+    for run in runs:
+        count = seen.get(run["name"], 0)
+        seen[run["name"]] = count + 1
+        if count:
+            run["name"] = f"{run['name']}#{count + 1}"
+
+
+def load_eval_cards(runs: list[dict], dataset: str | None, split: str | None, max_samples: int) -> tuple[list[dict], dict]:
+    """The evaluation rows and where they came from; refuses any row that a run trained on."""
+    split = split or ("all" if dataset else "test")
+    first = runs[0]
+    if split == "all":
+        cards, _ = clean_rows(read_rows(dataset))
+        source = {"dataset": dataset, "split": "all rows"}
+    else:
+        cards, _ = load_split(first["split_path"], split, dataset)
+        source = {"dataset": dataset or first["dataset"], "split": f"held-out {split} split of {first['name']}"}
+        if not cards:
+            raise EvaluationError(f"the {split} split of {first['run_dir']} is empty (trained with --{split}_fraction 0?); pass --dataset with held-out cards")
+    check_no_training_rows(cards, runs)
+    if max_samples:
+        cards = cards[:max_samples]
+    if not cards:
+        raise EvaluationError(f"{source['dataset']}: no rows to evaluate")
+    return cards, dict(source, n=len(cards), fingerprint=fingerprint(cards), checked_against_training_rows_of=[r["run_dir"] for r in runs])
+
+
+def check_no_training_rows(cards: list[dict], runs: list[dict]) -> None:
+    """Raise EvaluationError if any card's hash is among the training-row hashes of any run."""
+    hashes = [row_hash(card) for card in cards]
+    overlaps = []
+    for run in runs:
+        shared = sum(h in run["train_hashes"] for h in hashes)
+        if shared:
+            overlaps.append(f"{shared} of {len(cards)} rows are training rows of {run['name']} ({run['run_dir']})")
+    if overlaps:
+        raise EvaluationError("refusing to evaluate on training data: " + "; ".join(overlaps) + ". Evaluate on held-out rows only")
+
+
+# -----------------------------------------------------------------------------
+# scoring (library functions; the tests call these directly)
+
+def load_metric():
+    """The project's offline `evaluate` module (metrics/qa_metrics)."""
+    import evaluate
+
+    return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, cards: list[dict], batch_size: int = 8, progress: bool = False) -> list[float]:
+    """Per card: mean NLL of its reference answer tokens (EOS included) after the training prompt."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    examples = [encode_example(tokenizer, c["input"], c["output"], c["instruction"]) for c in cards]
+    values = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="answer NLL", unit="batch", disable=not progress):
+        # collate pads on the right whatever the (left-padding) inference tokenizer says
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
+        values.extend(per_example_loss(model, batch).float().cpu().tolist())
+    return values
+
+
+def score_model(model, tokenizer, cards: list[dict], settings: GenerationSettings, batch_size: int = 8,
+                metric=None, progress: bool = False) -> tuple[dict, list[dict]]:
+    """(summary metrics, per-card rows) of one model on `cards`."""
+    metric = metric or load_metric()
+    predictions = generate_answers(model, tokenizer, [c["input"] for c in cards], settings, batch_size=batch_size,
+                                   instructions=[c["instruction"] for c in cards], progress=progress)
+    nll = answer_nll(model, tokenizer, cards, batch_size, progress)
+    scores = metric.compute(predictions=predictions, references=[c["output"] for c in cards], per_example=True)
+    summary = {name: scores[name] for name in ("exact_match", "f1", "rougeL")}
+    summary["nll"] = sum(nll) / len(nll)
+    summary["perplexity"] = math.exp(summary["nll"]) if summary["nll"] < 700 else math.inf
+    per_example = scores["per_example"]
+    rows = [{"question": c["input"], "reference": c["output"], "prediction": p, "em": per_example["exact_match"][i],
+             "f1": per_example["f1"][i], "rougeL": per_example["rougeL"][i], "nll": nll[i]}
+            for i, (c, p) in enumerate(zip(cards, predictions))]
+    return summary, rows
+
+
+# -----------------------------------------------------------------------------
+# reporting
+
+def _epsilon_text(entry: dict) -> str:
+    if entry["kind"] == "base":
+        return "-"
+    if not entry["dp_enabled"]:
+        return "inf (no DP)"
+    text = f"{entry['epsilon']:.3g}" if entry["epsilon"] is not None else "?"
+    return text + ("*" if entry["selected_on_private_data"] else "")
+
+
+def format_table(entries: list[dict]) -> str:
+    header = ["model", "epsilon", "delta", "EM", "F1", "ROUGE-L", "NLL", "perplexity"]
+    lines = [[e["name"], _epsilon_text(e), f"{e['delta']:.3g}" if e.get("delta") else "-",
+              *(f"{e['metrics'][k]:.4f}" for k in ("exact_match", "f1", "rougeL", "nll")), f"{e['metrics']['perplexity']:.4g}"]
+             for e in entries]
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+    render = lambda row: "  ".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))  # noqa: E731
+    out = [render(header), "  ".join("-" * w for w in widths), *map(render, lines)]
+    if any(e.get("selected_on_private_data") for e in entries):
+        out.append("* checkpoint selected on private data: its epsilon does not cover that selection")
+    return "\n".join(out)
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _label(source: str) -> str:
+    """A model or dataset name short enough for a title: a local path becomes its last component."""
+    if source == BUNDLED_DATASET:
+        return "the bundled medical flashcards"
+    return Path(source).name if os.path.exists(source) else source
+
+
+def plot_privacy_utility(entries: list[dict], path: str, *, model: str, dataset: str, split: str, n: int) -> str:
+    """PNG of F1 and ROUGE-L against epsilon; non-private runs right of a broken axis; base model dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    private = sorted((e for e in entries if e["kind"] == "adapter" and e["dp_enabled"]), key=lambda e: e["epsilon"])
+    public = [e for e in entries if e["kind"] == "adapter" and not e["dp_enabled"]]
+    base = next((e for e in entries if e["kind"] == "base"), None)
+    if not private:
+        raise EvaluationError("--curve needs at least one DP-trained run among --adapters")
+    # value labels: F1 above its point, ROUGE-L below, so equal scores stay legible
+    series = [("f1", "token F1", "tab:blue", "o", 7), ("rougeL", "ROUGE-L", "tab:orange", "s", -13)]
+    fig = plt.figure(figsize=(9, 5.4))
+    grid = fig.add_gridspec(1, 2, width_ratios=[5, 1] if public else [1, 0.0001], wspace=0.06)
+    left = fig.add_subplot(grid[0])
+    right = fig.add_subplot(grid[1], sharey=left)
+    epsilons = [e["epsilon"] for e in private]
+    for key, label, color, marker, offset in series:
+        left.plot(epsilons, [e["metrics"][key] for e in private], marker=marker, color=color, label=f"{label}, DP fine-tuned")
+        for e in private:
+            left.annotate(f"{e['metrics'][key]:.3f}", (e["epsilon"], e["metrics"][key]), textcoords="offset points",
+                          xytext=(0, offset), ha="center", fontsize=8, color=color)
+        if public:
+            values = [e["metrics"][key] for e in public]
+            right.plot([0] * len(values), values, linestyle="none", marker=marker, markersize=9, markerfacecolor="white",
+                       markeredgewidth=2, color=color, label=f"{label}, non-private (--disable_dp)")
+            for value in values:
+                right.annotate(f"{value:.3f}", (0, value), textcoords="offset points", xytext=(0, offset + (2 if offset > 0 else -2)), ha="center", fontsize=8, color=color)
+        if base is not None:
+            for axis in (left, right):
+                axis.axhline(base["metrics"][key], color=color, linestyle="--", linewidth=1,
+                             label=f"{label}, base model (no fine-tuning)" if axis is left else None)
+    left.set_xscale("log")
+    left.set_xticks(epsilons)
+    left.set_xticklabels([f"{x:.3g}" for x in epsilons])
+    left.minorticks_off()
+    left.set_xlim(min(epsilons) / 1.6, max(epsilons) * 1.6)
+    left.set_xlabel("privacy budget ε spent (log scale; smaller = more private)")
+    left.set_ylabel(f"score on {n} held-out flashcards (0–1, higher is better)")
+    left.grid(True, alpha=0.3)
+    top = max([e["metrics"][k] for e in entries for k in ("f1", "rougeL")] + [0.05])
+    upper = min(1.0, top * 1.25 + 0.02)
+    left.set_ylim(-0.08 * upper, upper)  # room for the labels below points at 0
+    right.set_xlim(-1, 1)
+    right.set_xticks([0] if public else [])
+    right.set_xticklabels(["non-private\n(ε = ∞)"] if public else [])
+    right.tick_params(axis="y", left=False, labelleft=False)
+    right.grid(True, axis="y", alpha=0.3)
+    if public:  # broken-axis marks: the non-private point is not at any finite epsilon
+        left.spines["right"].set_visible(False)
+        right.spines["left"].set_visible(False)
+        kwargs = dict(marker=[(-1, -1.5), (1, 1.5)], markersize=10, linestyle="none", color="k", mec="k", mew=1, clip_on=False)
+        left.plot([1, 1], [0, 1], transform=left.transAxes, **kwargs)
+        right.plot([0, 0], [0, 1], transform=right.transAxes, **kwargs)
+    else:
+        right.set_visible(False)
+    deltas = sorted({e["delta"] for e in private if e.get("delta")})
+    accountants = sorted({e["accountant"] for e in private if e.get("accountant")})
+    delta_text = "δ = " + ", ".join(f"{d:.3g}" for d in deltas) if deltas else "δ unknown"
+    fig.suptitle(f"Privacy–utility trade-off: {_label(model)} + LoRA on {_label(dataset)}", fontsize=12)
+    left.set_title(f"{split}, N = {n} flashcards; example-level DP, {delta_text}"
+                   + (f" ({', '.join(accountants)} accountant)" if accountants else "") + "; greedy answers", fontsize=9, loc="left")
+    handles, labels = left.get_legend_handles_labels()
+    more_handles, more_labels = right.get_legend_handles_labels()
+    fig.legend(handles + more_handles, labels + more_labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.subplots_adjust(bottom=0.24, top=0.86, left=0.09, right=0.97)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def log_to_tracker(accelerator, report_to: str, entries: list[dict], predictions: list[dict], curve_path: str | None) -> None:
+    metrics = {f"eval/{e['name']}/{k}": e["metrics"][k] for e in entries for k in METRIC_NAMES if math.isfinite(e["metrics"][k])}
+    accelerator.log(metrics, step=0)
+    if report_to != "wandb":
+        return
+    import wandb
+
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    summary = wandb.Table(columns=["model", "dp_enabled", "epsilon", "delta", *METRIC_NAMES],
+                          data=[[e["name"], e["dp_enabled"], _json_number(e["epsilon"]), e["delta"], *(_json_number(e["metrics"][k]) for k in METRIC_NAMES)]
+                                for e in entries])
+    columns = ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "nll"]
+    table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in predictions])
+    logged = {"eval/summary": summary, "eval/predictions": table}
+    if curve_path:
+        logged["eval/privacy_utility"] = wandb.Image(curve_path)
+    run.log(logged, step=0)
+
+
+# -----------------------------------------------------------------------------
+
+def main(args):
+    from accelerate import Accelerator
+
+    validate_args(args)
+    m, d, g, o = args.model, args.data, args.generation, args.output
+    runs = [describe_run(path) for path in m.adapters]
+    unique_names(runs)
+    base_models = sorted({r["base_model"] for r in runs if r["base_model"]})
+    if not m.model and len(base_models) > 1:
+        raise EvaluationError(f"the adapters were trained on different base models ({', '.join(base_models)}); evaluate them separately")
+    base_model = m.model or (base_models[0] if base_models else None)
+    if o.curve and not any(r["dp_enabled"] for r in runs):
+        raise EvaluationError("--curve needs at least one DP-trained run among --adapters")
+    cards, source = load_eval_cards(runs, d.dataset, d.split, d.max_samples)
+
+    output_dir = Path(o.output_dir or (Path(runs[0]["run_dir"]) / "eval" if len(runs) == 1 else "outputs/eval"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if o.report_to == "wandb":
+        wandb_mode = tracking.prepare_wandb_environment()
+    accelerator = Accelerator(log_with=tracking.tracker_names(o.report_to) or None, project_dir=str(output_dir))
+    if accelerator.num_processes > 1:
+        raise EvaluationError("run evaluate_qa.py as one process (python evaluate_qa.py ...), not under a multi-process accelerate launch")
+    resolved = cli.to_dict(args)
+    accelerator.init_trackers(o.project_name, config=tracking.flatten_config(resolved), init_kwargs=tracking.tracker_init_kwargs(o.report_to, str(output_dir), job_type="eval"))
+    accelerator.print(f"Evaluating {len(runs) + (not m.no_base)} model(s) on {source['n']} flashcards ({source['split']}, {source['dataset']}); "
+                      f"no evaluated row is a training row of any run")
+
+    metric = load_metric()
+    todo = ([] if m.no_base else [{"name": BASE_NAME, "kind": "base", "adapters": None}]) + [dict(r, kind="adapter", adapters=r["adapter_dir"]) for r in runs]
+    entries, predictions = [], []
+    for job in todo:
+        model, tokenizer, info = load_for_inference(job["adapters"], base_model, load_in_4bit=m.load_in_4bit, device=accelerator.device)
+        accelerator.print(f"[{job['name']}] {info['privacy']}")
+        summary, rows = score_model(model, tokenizer, cards, g, d.batch_size, metric, progress=accelerator.is_local_main_process)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next model loads into the memory this one held
+        entry = {"name": job["name"], "kind": job["kind"], "base_model": info["base_model"], "adapter_dir": info["adapter_dir"],
+                 "run_dir": info["run_dir"], "dp_enabled": job.get("dp_enabled", False), "epsilon": job.get("epsilon"),
+                 "target_epsilon": job.get("target_epsilon"), "delta": job.get("delta"), "accountant": job.get("accountant"),
+                 "steps": job.get("steps"), "n_train": job.get("n_train"),
+                 "selected_on_private_data": job.get("selected_on_private_data", False), "metrics": summary}
+        entries.append(entry)
+        predictions.extend(dict(model=job["name"], **row) for row in rows)
+
+    curve_path = None
+    if o.curve:
+        curve_path = plot_privacy_utility(entries, str(output_dir / CURVE_FILE), model=base_model or entries[0]["base_model"],
+                                          dataset=source["dataset"], split=source["split"], n=source["n"])
+    results = {
+        "data": source,
+        "generation": dataclasses.asdict(g),
+        "metric_definitions": {"exact_match": "SQuAD-normalised exact match", "f1": "SQuAD-normalised token F1",
+                               "rougeL": "rouge_score ROUGE-L F-measure, no stemming",
+                               "nll": "mean over rows of the reference answer's mean token NLL (EOS included), teacher forcing",
+                               "perplexity": "exp(nll)"},
+        "models": [dict(e, epsilon=_json_number(e["epsilon"]) if e["epsilon"] is not None else None,
+                        metrics={k: _json_number(v) for k, v in e["metrics"].items()}) for e in entries],
+        "curve": curve_path,
+    }
+    with open(output_dir / RESULTS_FILE, "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=2)
+        handle.write("\n")
+    with open(output_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as handle:
+        for row in predictions:
+            handle.write(json.dumps({k: _json_number(v) for k, v in row.items()}, ensure_ascii=False) + "\n")
+
+    if o.report_to != "none":
+        log_to_tracker(accelerator, o.report_to, entries, predictions, curve_path)
+    run_dir = tracking.wandb_run_dir(accelerator) if o.report_to == "wandb" else None
+    accelerator.end_training()
+    accelerator.print("\n" + format_table(entries))
+    accelerator.print(f"\n  results: {output_dir / RESULTS_FILE}; predictions: {output_dir / PREDICTIONS_FILE}"
+                      + (f"; curve: {curve_path}" if curve_path else "")
+                      + (f"\n  W&B offline run: {run_dir}; upload with `wandb sync {run_dir}`" if run_dir and wandb_mode == "offline" else ""))
+    results["output_dir"] = str(output_dir)
+    results["wandb_run_dir"] = run_dir
+    return results
+
+
+def cli_main(argv=None) -> int:
+    try:
+        main(parse_args(argv))
+    except (cli.ArgumentErrors, EvaluationError, DataError, AdapterError, ModelLoadError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

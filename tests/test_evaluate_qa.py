@@ -1,0 +1,325 @@
+"""evaluate_qa.py and utils/metrics.py: exact metric values, agreement with rouge_score, the refusal to
+score training rows, an end-to-end evaluation of tiny DP and non-DP runs (JSON, JSONL, PNG, W&B
+offline run), and that fine-tuning measurably helps on cards a model has memorised."""
+
+import glob
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from rouge_score import rouge_scorer
+
+import evaluate_qa
+import train_dp_lora
+from conftest import build_tiny_vaultgemma, bundled_cards, write_cards
+from utils import metrics
+from utils.data import clean_rows, row_hash
+from utils.generation import GenerationSettings, load_for_inference
+from utils.loss import per_example_loss_from_logits
+from utils.prompt import encode_example
+
+# (prediction, reference) pairs with punctuation, case, articles, digits, non-ASCII, repeats, empties
+PAIRS = [
+    ("the cat on the mat", "the cat sat on the mat"),
+    ("Cardiac output = stroke volume x heart rate.", "Cardiac output equals stroke volume multiplied by heart rate."),
+    ("Vitamin B12 (cobalamin) deficiency", "vitamin b12 deficiency causes megaloblastic anaemia"),
+    ("β-blockers reduce heart rate", "Beta blockers reduce the heart rate"),
+    ("a b a b a", "b a b"),
+    ("", "an empty prediction"),
+    ("Type 2 diabetes; insulin resistance", "insulin resistance in type 2 diabetes"),
+]
+
+
+# -----------------------------------------------------------------------------
+# metric functions on hand-made cases
+
+def test_normalize_answer_lowercases_strips_punctuation_and_articles_and_collapses_spaces():
+    assert metrics.normalize_answer("  The Cat,  sat! on a   mat. ") == "cat sat on mat"
+    assert metrics.normalize_answer("An apple") == "apple"
+    assert metrics.normalize_answer("theory and thematic") == "theory and thematic"  # articles only as whole words
+
+
+def test_exact_match_compares_normalised_text():
+    assert metrics.exact_match("The cat.", "cat") == 1.0
+    assert metrics.exact_match("cats", "cat") == 0.0
+    assert metrics.exact_match("", "") == 1.0
+
+
+def test_token_f1_exact_values():
+    assert metrics.token_f1("The Cat sat.", "a cat sat down") == pytest.approx(0.8)  # P 1, R 2/3
+    assert metrics.token_f1("cat cat dog", "cat dog dog") == pytest.approx(2 / 3)  # bag overlap counts min(count)
+    assert metrics.token_f1("dog", "cat") == 0.0
+    assert metrics.token_f1("the", "") == 1.0  # both normalise to nothing
+    assert metrics.token_f1("the", "cat") == 0.0
+
+
+def test_rouge_l_exact_values():
+    assert metrics.rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(10 / 11)  # LCS 5: P 1, R 5/6
+    assert metrics.rouge_l("A B C", "c b a") == pytest.approx(1 / 3)  # LCS 1 of 3 tokens each way
+    assert metrics.rouge_l("", "cat") == 0.0
+    assert metrics.rouge_l("same words", "Same, words!") == 1.0
+
+
+def test_rouge_l_agrees_with_rouge_score_run_directly():
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    for prediction, reference in PAIRS:
+        assert metrics.rouge_l(prediction, reference) == scorer.score(reference, prediction)["rougeL"].fmeasure
+
+
+def test_evaluate_module_gives_the_means_and_per_example_values_of_the_functions():
+    metric = evaluate_qa.load_metric()  # the local module, offline
+    predictions, references = [p for p, _ in PAIRS], [r for _, r in PAIRS]
+    result = metric.compute(predictions=predictions, references=references, per_example=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    assert result["per_example"]["rougeL"] == [scorer.score(r, p)["rougeL"].fmeasure for p, r in PAIRS]
+    assert result["per_example"]["f1"] == [metrics.token_f1(p, r) for p, r in PAIRS]
+    assert result["per_example"]["exact_match"] == [metrics.exact_match(p, r) for p, r in PAIRS]
+    for name in ("exact_match", "f1", "rougeL"):
+        assert result[name] == pytest.approx(sum(result["per_example"][name]) / len(PAIRS))
+    assert set(metric.compute(predictions=["a"], references=["a"])) == {"exact_match", "f1", "rougeL"}
+
+
+# -----------------------------------------------------------------------------
+# answer NLL under teacher forcing
+
+def test_answer_nll_is_the_same_in_any_batch_and_equals_the_full_logits_reference(tiny_model_dir):
+    model, tokenizer, _ = load_for_inference(None, tiny_model_dir, device="cpu")
+    assert tokenizer.padding_side == "left"  # the inference tokenizer; answer_nll must still pad right
+    cards, _ = clean_rows(bundled_cards()[:5])
+    batched = evaluate_qa.answer_nll(model, tokenizer, cards, batch_size=5)
+    one_by_one = evaluate_qa.answer_nll(model, tokenizer, cards, batch_size=1)
+    assert batched == pytest.approx(one_by_one, abs=1e-5)
+    for card, value in zip(cards, one_by_one):
+        example = encode_example(tokenizer, card["input"], card["output"], card["instruction"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits
+        assert value == pytest.approx(per_example_loss_from_logits(logits, torch.tensor([example["labels"]])).item(), abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# tiny training runs shared by the tests below
+
+def _train(output_dir, model_dir, dataset, *extra):
+    train_dp_lora.main(train_dp_lora.parse_args([
+        "--model", str(model_dir), "--dataset", str(dataset), "--report_to", "none", "--output_dir", str(output_dir),
+        "--save_steps", "0", "--eval_steps", "0", *extra]))
+    return Path(output_dir)
+
+
+@pytest.fixture(scope="module")
+def curve_runs(tmp_path_factory, tiny_model_dir):
+    """Two DP runs (epsilon 2 and 8) and a --disable_dp run on 60 cards with the same seed, hence the same split."""
+    root = tmp_path_factory.mktemp("curve_runs")
+    cards_file = write_cards(root / "cards.jsonl", bundled_cards()[:60])
+    common = ["--max_steps", "2", "--logical_batch_size", "8", "--per_device_train_batch_size", "8",
+              "--validation_fraction", "0.05", "--test_fraction", "0.15", "--accountant", "rdp"]  # rdp: calibrates ~3x faster than prv
+    return {
+        "eps2": _train(root / "eps2", tiny_model_dir, cards_file, "--epsilon", "2", *common),
+        "eps8": _train(root / "eps8", tiny_model_dir, cards_file, "--epsilon", "8", *common),
+        "nodp": _train(root / "nodp", tiny_model_dir, cards_file, "--disable_dp", *common),
+        "cards_file": cards_file,
+    }
+
+
+def _read_wandb_records(run_dir):
+    """History and summary items of an offline W&B run, parsed from its run-*.wandb transaction log
+    (a LevelDB-style log: 7-byte file header, 32 KiB blocks, records of crc32/len/type + protobuf)."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw = Path(glob.glob(os.path.join(run_dir, "run-*.wandb"))[0]).read_bytes()
+    block, position, pending, records = 32768, 7, b"", []
+    while position + 7 <= len(raw):
+        if block - position % block < 7:  # block trailer too short for a header: padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[position:position + 7])
+        if length == 0 and kind == 0:
+            break
+        pending += raw[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    history = {}
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            history.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return history
+
+
+@pytest.fixture(scope="module")
+def evaluated(curve_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluation")
+    argv = ["--adapters", str(curve_runs["eps2"] / "adapter"), str(curve_runs["eps8"]), str(curve_runs["nodp"]),
+            "--curve", "--max_new_tokens", "8", "--batch_size", "4", "--output_dir", str(out / "eval"), "--report_to", "wandb"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        results = evaluate_qa.main(evaluate_qa.parse_args(argv))
+    return results, Path(results["output_dir"])
+
+
+# -----------------------------------------------------------------------------
+# refusing training rows
+
+def test_check_no_training_rows_names_the_run_and_the_count():
+    cards, _ = clean_rows(bundled_cards()[:4])
+    run = {"name": "run_a", "run_dir": "/runs/a", "train_hashes": {row_hash(cards[1]), row_hash(cards[3])}}
+    evaluate_qa.check_no_training_rows(cards[::2], [run])  # rows 0 and 2: fine
+    with pytest.raises(evaluate_qa.EvaluationError, match=r"2 of 4 rows are training rows of run_a"):
+        evaluate_qa.check_no_training_rows(cards, [run])
+
+
+def test_cli_refuses_a_dataset_that_contains_training_rows(curve_runs, capsys):
+    code = evaluate_qa.cli_main(["--adapters", str(curve_runs["eps2"]), "--dataset", curve_runs["cards_file"], "--report_to", "none"])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: refusing to evaluate on training data:") and "\n" not in error
+
+
+def test_cli_refuses_a_split_json_whose_test_split_overlaps_training_rows(curve_runs, tmp_path, capsys):
+    run = tmp_path / "tampered"
+    run.mkdir()
+    for name in ("args.json", "privacy_report.json"):
+        (run / name).write_text((curve_runs["eps2"] / name).read_text())
+    os.symlink(curve_runs["eps2"] / "adapter", run / "adapter")
+    split = json.loads((curve_runs["eps2"] / "split.json").read_text())
+    split["splits"]["test"]["indices"].append(split["splits"]["train"]["indices"][0])
+    (run / "split.json").write_text(json.dumps(split))
+    assert evaluate_qa.cli_main(["--adapters", str(run), "--report_to", "none"]) == 2
+    assert "1 of" in capsys.readouterr().err
+
+
+def test_cli_reports_every_bad_argument_at_once(capsys):
+    assert evaluate_qa.cli_main(["--split", "all", "--max_samples", "-1", "--batch_size", "0"]) == 2
+    error = capsys.readouterr().err
+    for expected in ("--adapters", "--split all needs --dataset", "--max_samples", "--batch_size"):
+        assert expected in error
+
+
+def test_curve_needs_a_dp_run(curve_runs, capsys):
+    argv = ["--adapters", str(curve_runs["nodp"]), str(curve_runs["nodp"] / "adapter"), "--curve", "--report_to", "none"]
+    assert evaluate_qa.cli_main(argv) == 2
+    assert "at least one DP-trained run" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# end to end
+
+def test_results_json_lists_every_model_with_its_privacy_and_consistent_metrics(evaluated, curve_runs):
+    results, out = evaluated
+    saved = json.loads((out / evaluate_qa.RESULTS_FILE).read_text())
+    split = json.loads((curve_runs["eps2"] / "split.json").read_text())
+    n_test = len(split["splits"]["test"]["indices"])
+    assert saved["data"]["n"] == n_test == 9
+    assert saved["data"]["split"] == "held-out test split of eps2"
+    assert [m["name"] for m in saved["models"]] == ["base", "eps2", "eps8", "nodp"]
+    by_name = {m["name"]: m for m in saved["models"]}
+    for name in ("eps2", "eps8"):
+        report = json.loads((curve_runs[name] / "privacy_report.json").read_text())
+        assert by_name[name]["dp_enabled"] is True
+        assert by_name[name]["epsilon"] == report["epsilon"] <= report["target_epsilon"]
+        assert by_name[name]["delta"] == report["delta"]
+    assert by_name["nodp"]["dp_enabled"] is False and by_name["nodp"]["epsilon"] is None
+    assert by_name["base"]["kind"] == "base" and by_name["base"]["adapter_dir"] is None
+    for model in saved["models"]:
+        assert set(model["metrics"]) == set(evaluate_qa.METRIC_NAMES)
+        assert model["metrics"]["perplexity"] == pytest.approx(math.exp(model["metrics"]["nll"]))
+        assert 0 <= model["metrics"]["f1"] <= 1 and 0 <= model["metrics"]["rougeL"] <= 1
+    assert saved["curve"] == str(out / evaluate_qa.CURVE_FILE)
+
+
+def test_predictions_jsonl_holds_each_test_row_per_model_with_its_scores(evaluated, curve_runs):
+    results, out = evaluated
+    rows = [json.loads(line) for line in (out / evaluate_qa.PREDICTIONS_FILE).read_text().splitlines()]
+    assert len(rows) == 4 * 9
+    assert set(rows[0]) == {"model", "question", "reference", "prediction", "em", "f1", "rougeL", "nll"}
+    cards, _ = clean_rows(bundled_cards()[:60])
+    split = json.loads((curve_runs["eps2"] / "split.json").read_text())
+    test_questions = [cards[i]["input"] for i in split["splits"]["test"]["indices"]]
+    for model in results["models"]:
+        mine = [r for r in rows if r["model"] == model["name"]]
+        assert [r["question"] for r in mine] == test_questions
+        for r in mine:
+            assert r["f1"] == metrics.token_f1(r["prediction"], r["reference"])
+            assert r["rougeL"] == metrics.rouge_l(r["prediction"], r["reference"])
+            assert r["em"] == metrics.exact_match(r["prediction"], r["reference"])
+        assert sum(r["f1"] for r in mine) / 9 == pytest.approx(model["metrics"]["f1"])
+        assert sum(r["nll"] for r in mine) / 9 == pytest.approx(model["metrics"]["nll"])
+
+
+def test_curve_png_is_written(evaluated):
+    import matplotlib.image
+
+    _, out = evaluated
+    path = out / evaluate_qa.CURVE_FILE
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert (width, height) == (1080, 648)  # 9 x 5.4 inches at 120 dpi
+
+
+def test_offline_wandb_run_holds_the_metrics_and_the_predictions_table(evaluated):
+    results, out = evaluated
+    run_dir = results["wandb_run_dir"]
+    assert run_dir and Path(run_dir).is_relative_to(out) and Path(run_dir).name.startswith("offline-run-")
+    history = _read_wandb_records(run_dir)
+    for model in results["models"]:
+        for name in evaluate_qa.METRIC_NAMES:
+            assert history[f"eval/{model['name']}/{name}"] == pytest.approx(model["metrics"][name])
+    assert history["eval/predictions/nrows"] == 4 * 9 and history["eval/summary/nrows"] == 4
+    table = json.loads(next(Path(run_dir).rglob("predictions_*.table.json")).read_text())
+    assert table["columns"] == ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "nll"] and len(table["data"]) == 36
+    assert next(Path(run_dir).rglob("privacy_utility_*.png"), None) is not None
+
+
+# -----------------------------------------------------------------------------
+# fine-tuning helps on what the model was trained on
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory, tiny_model_dir):
+    """A tiny model able to memorise, and a --disable_dp run that trained it many epochs on 16 short cards."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("memorised")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # initializer_range 0.1, not the default 0.02: with tied embeddings of norm ~0.16 the logits after
+    # the final RMSNorm stay within about +-1.3, and no adapter can make such a model confident
+    build_tiny_vaultgemma(len(tokenizer), initializer_range=0.1).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    cards = sorted(bundled_cards(), key=lambda c: len(c["output"]))[:16]
+    cards_file = write_cards(root / "cards.jsonl", cards)
+    run = _train(root / "run", root / "model", cards_file, "--disable_dp", "--validation_fraction", "0", "--test_fraction", "0",
+                 "--max_steps", "60", "--logical_batch_size", "8", "--per_device_train_batch_size", "16", "--learning_rate", "3e-2",
+                 "--lora_r", "16", "--lora_dropout", "0", "--warmup_ratio", "0")
+    return {"model": root / "model", "run": run, "cards_file": cards_file, "cards": clean_rows(cards)[0]}
+
+
+def test_model_fine_tuned_without_dp_scores_far_better_than_its_base_on_the_cards_it_memorised(memorised):
+    # Through the library functions, not the CLI: evaluate_qa.py refuses to score training rows (a score on
+    # them measures memorisation, never held-out quality), and there is deliberately no flag to allow it.
+    settings, metric, scores = GenerationSettings(max_new_tokens=40), evaluate_qa.load_metric(), {}
+    for name, adapters in (("base", None), ("tuned", str(memorised["run"] / "adapter"))):
+        model, tokenizer, _ = load_for_inference(adapters, str(memorised["model"]), device="cpu")
+        scores[name], _ = evaluate_qa.score_model(model, tokenizer, memorised["cards"], settings, batch_size=16, metric=metric)
+    assert scores["tuned"]["nll"] < 0.6 * scores["base"]["nll"]
+    assert scores["tuned"]["f1"] > scores["base"]["f1"] + 0.3
+    assert scores["tuned"]["rougeL"] > scores["base"]["rougeL"] + 0.3
+
+
+def test_cli_refuses_to_score_the_memorised_training_cards(memorised, capsys):
+    assert evaluate_qa.cli_main(["--adapters", str(memorised["run"]), "--dataset", memorised["cards_file"], "--report_to", "none"]) == 2
+    assert "16 of 16 rows are training rows" in capsys.readouterr().err
+
+
+def test_a_checkpoint_is_described_with_its_own_privacy_report_and_the_runs_split(curve_runs):
+    checkpoint = curve_runs["eps2"] / "checkpoints" / "step_000002"
+    run = evaluate_qa.describe_run(str(checkpoint))
+    report = json.loads((checkpoint / "privacy_report.json").read_text())
+    assert run["name"] == "eps2@step_000002"
+    assert run["split_path"] == str(curve_runs["eps2"] / "split.json")
+    assert run["epsilon"] == report["epsilon"] and run["dp_enabled"] is True
