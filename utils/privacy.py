@@ -6,10 +6,15 @@ max_grad_norm, adds Gaussian noise N(0, (sigma * C)^2) once to the sum and divid
 batch size. sigma is calibrated so that the accountant's epsilon after exactly the planned number of
 steps at this q is at most the target; the accountant is stepped once per optimizer step, empty draws
 included.
+
+Secure mode takes every random bit of the sampling and of the noise from the operating system's
+CSPRNG (os.urandom) instead of seeded PyTorch generators, whose state follows from the seed in
+args.json (and whose CPU generator only uses 32 bits of any seed).
 """
 
 import hashlib
 import math
+import os
 
 import torch
 
@@ -79,9 +84,7 @@ class PoissonSampler:
 
     def draw(self, step: int) -> list[int]:
         if self.secure_mode:
-            import secrets
-
-            uniforms = torch.tensor([secrets.randbits(53) / 2**53 for _ in range(self.num_rows)], dtype=torch.float64)
+            uniforms = csprng_uniforms(self.num_rows)
         else:
             step_seed = int.from_bytes(hashlib.sha256(f"poisson:{self.seed}:{step}".encode()).digest()[:8], "little")
             uniforms = torch.rand(self.num_rows, generator=torch.Generator().manual_seed(step_seed), dtype=torch.float64)
@@ -98,15 +101,64 @@ def physical_batches(indices: list[int], lengths: list[int], per_device_batch_si
     return [ordered[i:i + per_device_batch_size] for i in range(0, len(ordered), per_device_batch_size)]
 
 
+def csprng_uniforms(n: int, device=None) -> torch.Tensor:
+    """n float64 uniforms in (0, 1) from the OS CSPRNG, 53 random bits each."""
+    words = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
+    return ((words.to(device) & (2**53 - 1)).double() + 0.5) * 2.0**-53
+
+
+def secure_gaussian(shape, std: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """N(0, std^2) noise of `shape` in `dtype` whose every random bit comes from os.urandom.
+
+    Box-Muller in float64 on 53-bit uniforms, then Opacus's guard against floating-point attacks
+    (arXiv 2107.10138): the sum of four N(0, std^2) draws divided by 2, which has the same law but
+    hides the bit pattern of any single draw. Only then is it rounded to `dtype`.
+    """
+    n = math.prod(shape)
+    pairs = 2 * n  # 4n normals from 2n pairs of uniforms
+    u1, u2 = csprng_uniforms(2 * pairs, device).view(2, pairs)
+    radius, angle = torch.sqrt(-2.0 * torch.log(u1)), 2.0 * math.pi * u2
+    normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])
+    return (normals.view(4, n).sum(0) * (std / 2)).view(tuple(shape)).to(dtype)
+
+
+def _secure_dp_optimizer_class():
+    from opacus.optimizers import DPOptimizer
+
+    class SecureNoiseDPOptimizer(DPOptimizer):
+        """DPOptimizer whose Gaussian noise comes from secure_gaussian (the OS CSPRNG).
+
+        Opacus's own secure mode draws from `generator` (torchcsprng in its PrivacyEngine; with no
+        generator, torch's global RNG, which set_seed makes predictable from the public seed).
+        """
+
+        def add_noise(self):
+            sigma, self.noise_multiplier = self.noise_multiplier, 0.0
+            try:
+                super().add_noise()  # p.grad = clipped sum, with Opacus's bookkeeping; zero noise
+            finally:
+                self.noise_multiplier = sigma
+            std = sigma * self.max_grad_norm
+            if std > 0:
+                for p in self.params:
+                    p.grad += secure_gaussian(p.grad.shape, std, p.grad.device, p.grad.dtype)
+
+    return SecureNoiseDPOptimizer
+
+
 def make_dp_optimizer(optimizer, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, generator=None, secure_mode=False):
     """Opacus's DP optimizer over the LoRA-only optimizer.
 
     loss_reduction="mean" makes it divide the noisy clipped sum by the expected batch size (not the
-    realised one, which would depend on the private draw).
+    realised one, which would depend on the private draw). The noise has the parameters' dtype (fp32:
+    build_model keeps LoRA weights in fp32 over any base). secure_mode: noise from secure_gaussian;
+    a seeded `generator` is then refused.
     """
     from opacus.optimizers import DPOptimizer
 
-    return DPOptimizer(
+    if secure_mode and generator is not None:
+        raise ValueError("secure_mode draws its noise from the OS CSPRNG; a seeded generator would make it predictable")
+    return (_secure_dp_optimizer_class() if secure_mode else DPOptimizer)(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -117,15 +169,60 @@ def make_dp_optimizer(optimizer, noise_multiplier: float, max_grad_norm: float, 
     )
 
 
-def attach_per_sample_hooks(model, grad_sample_mode: str = "hooks"):
-    """Per-sample gradient hooks on the trainable (LoRA) layers, without wrapping the model.
+# Per-sample gradient modes that work on the unwrapped model and give exactly the brute-force
+# per-example gradients (tests/test_loss.py). Opacus's "ghost" needs its own double-backward loss
+# and was 1.67x a non-private step, so it is not offered.
+GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
 
-    loss_reduction="sum": training backpropagates the *sum* of per-example losses, so each
-    grad_sample row is exactly that example's gradient.
+
+def attach_per_sample_hooks(model, grad_sample_mode: str = "hooks"):
+    """Per-sample gradients of the trainable (LoRA) weights in p.grad_sample, without wrapping the model.
+
+    "hooks"/"functorch": Opacus's hooks on the LoRA layers. "ew": torch's ExpandedWeights around the
+    decoder body (ExpandedWeightsBody). loss_reduction="sum": training backpropagates the *sum* of
+    per-example losses, so each grad_sample row is exactly that example's gradient. The returned
+    object's remove_hooks() undoes it.
     """
+    if grad_sample_mode == "ew":
+        return ExpandedWeightsBody(model)
     from opacus.grad_sample import prepare_module
 
     return prepare_module(model, grad_sample_mode=grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum")
+
+
+class ExpandedWeightsBody:
+    """Opacus's "ew" mode without its wrapper: while gradients are enabled, the decoder body (which
+    holds every trainable weight) runs through torch's call_for_per_sample_grads, whose backward writes
+    each trainable weight's per-example gradients to p.grad_sample. utils.loss calls the body and the
+    LM head itself, so wrapping the whole model would not reach it; shadowing the body's forward does.
+    """
+
+    def __init__(self, model):
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.body = causal_lm.model
+        # a trainable weight used outside the body (say a head tied to the embeddings) would miss its share
+        body_modules = {id(module) for module in self.body.modules()}
+        outside = [name for name, module in model.named_modules()
+                   if id(module) not in body_modules and any(p.requires_grad for p in module.parameters(recurse=False))]
+        if outside:
+            raise ValueError(f'grad_sample_mode="ew" needs every trainable weight used only inside the decoder body; {outside[0]} is outside (use "hooks")')
+        self._running = False
+        self.body.forward = self._forward  # an instance attribute shadows the class's forward
+
+    def _forward(self, *args, **kwargs):
+        if self._running or not torch.is_grad_enabled():  # the inner call, or evaluation
+            return type(self.body).forward(self.body, *args, **kwargs)
+        from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+        first = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds", args[0] if args else None)
+        self._running = True
+        try:
+            return call_for_per_sample_grads(self.body, batch_size=first.shape[0], loss_reduction="sum")(*args, **kwargs)
+        finally:
+            self._running = False
+
+    def remove_hooks(self) -> None:
+        self.body.__dict__.pop("forward", None)
 
 
 def prepare_empty_step(params, dp: bool) -> None:
@@ -141,8 +238,9 @@ def prepare_empty_step(params, dp: bool) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def zero_nonfinite_grad_samples(params) -> int:
-    """Zero the per-sample gradients of examples whose gradient is NaN/inf; returns how many examples.
+def zero_nonfinite_grad_samples(params, bad_rows: torch.Tensor | None = None) -> int:
+    """Zero the per-sample gradients of examples whose gradient is NaN/inf, or that `bad_rows` marks
+    (e.g. a non-finite loss); returns how many examples.
 
     Such an example then contributes nothing to the step (a per-example change, so clipping and the
     sensitivity bound still hold).
@@ -151,12 +249,33 @@ def zero_nonfinite_grad_samples(params) -> int:
     if not grad_samples or grad_samples[0].shape[0] == 0:
         return 0
     bad = torch.zeros(grad_samples[0].shape[0], dtype=torch.bool, device=grad_samples[0].device)
+    if bad_rows is not None:
+        bad |= bad_rows.to(bad.device)
     for g in grad_samples:
         bad |= ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
     if bad.any():
         for g in grad_samples:
             g[bad] = 0
     return int(bad.sum())
+
+
+def dp_event(history) -> dict:
+    """The mechanism the accountant was told about, as JSON: what an independent accountant needs.
+
+    `history` is Opacus's [(noise_multiplier, sample_rate, steps), ...]. The names follow Google's
+    dp_accounting events: ComposedDpEvent of SelfComposedDpEvent(PoissonSampledDpEvent(q,
+    GaussianDpEvent(sigma)), steps); neighbouring datasets differ by adding or removing one row.
+    """
+    return {
+        "event": "ComposedDpEvent",
+        "neighboring_relation": "add_or_remove_one",
+        "events": [
+            {"event": "SelfComposedDpEvent", "count": int(steps),
+             "inner": {"event": "PoissonSampledDpEvent", "sampling_probability": float(sample_rate),
+                       "inner": {"event": "GaussianDpEvent", "noise_multiplier": float(sigma)}}}
+            for sigma, sample_rate, steps in history
+        ],
+    }
 
 
 def check_delta(delta: float, n_train: int) -> str | None:

@@ -1,0 +1,395 @@
+"""Empirical privacy audit of train_dp_lora.py in one training run, with canary flashcards.
+
+What it does
+- Makes m canaries: flashcards "What is the access code of record <random id>?" -> <random digits>,
+  none equal to a real row. Each is inserted into the training data independently with probability 1/2.
+- With --canary_repeats R >= 2, also inserts --num_repeated_canaries more canaries R times each
+  (the copies differ only by a note in the question, since exact duplicates are dropped).
+- Writes real rows + inserted canaries to OUT/audit_data.jsonl and trains on it by calling
+  train_dp_lora.main in-process (run in OUT/train) with the training arguments given after `--`;
+  --validation_fraction and --test_fraction are forced to 0 so every inserted canary is a training
+  row, and --max_train_samples K keeps the first K real rows. The split is checked afterwards.
+- Scores every canary: its answer loss under the fine-tuned model minus under the base model
+  (utils.loss.per_example_loss); the lower, the more likely it was trained on.
+- Lower bound (Steinke, Nasr, Jagielski, "Privacy auditing with one training run", NeurIPS 2023):
+  guess "in" for the k lowest scores and "out" for the k highest, count the correct guesses v of
+  r = 2k. Under (eps, delta)-DP, P[v or more correct] <= P[Binomial(r, e^eps / (1 + e^eps)) >= v]
+  + 2 m delta * max_{i=1..v} P[v - i <= Binomial(r, e^eps / (1 + e^eps)) < v] / i (their main theorem
+  with delta > 0). The reported bound is the largest eps whose p-value is below 1 - --confidence, at
+  the report's delta. It is computed for each guess count r in --guess_fractions * m, and each test
+  runs at level (1 - confidence) / len(guess_fractions) (Bonferroni), so taking the largest stays valid.
+- Attack quality on the same scores: ROC AUC and TPR at 1% and 10% FPR (with m/2 non-members an
+  FPR of 1% means no false positive at all).
+- Secret-Sharer exposure (Carlini et al., USENIX Security 2019): for each canary, how many of A
+  random alternative secrets (same question) the fine-tuned model finds at least as likely as the
+  real one; exposure = log2|R| - log2(rank) with rank estimated as |R| (c + 1) / (A + 1), i.e.
+  -log2((c + 1) / (A + 1)): about 1.44 bits on average for a secret never seen, at most log2(A + 1).
+
+What the lower bound means, and what it does not
+- It lower-bounds the privacy loss that THIS attack (loss-difference scores, top/bottom-k guesses)
+  demonstrates on THIS training run and these canaries: with probability >= --confidence over the
+  canaries' random inclusion, the training run as executed is not (eps', delta)-DP for any
+  eps' < the bound. A bound above the reported epsilon means the guarantee is broken (a bug in the
+  code or in the accounting).
+- It is not evidence that the reported epsilon is tight: DP bounds the worst case over all
+  datasets and attackers, and a black-box loss attack on the final adapters typically finds far
+  less. A bound of 0 says nothing beyond "this attack found nothing".
+- The bound uses the run's delta. With m canaries it cannot exceed about ln(m / ln(1 / level))
+  even when every guess is right (level = (1 - confidence) / len(guess_fractions); about 2.7 for
+  m = 64 at the defaults), so a small audit can only ever refute small epsilons.
+- Repeated canaries break the example-level privacy unit on purpose (one secret in R rows is
+  protected only at group privacy of size R); they take no part in the lower bound, only in
+  exposure, and show what memorization looks like when the unit assumption fails.
+
+Outputs: OUT/audit_report.json (bound, reported epsilon, AUC, TPR at low FPR, exposures, counts),
+OUT/canaries.jsonl (every canary, its secret and whether it was inserted: keep it private),
+OUT/audit_data.jsonl, OUT/train/ (the full training run). The audit run trains on every real row
+(no held-out split) plus canaries: its adapters are for auditing, not for release.
+
+Run
+    python audit_privacy.py --output_dir outputs/audit --num_canaries 256 -- \\
+        --model gemma3-270m --dataset bundled --epsilon 8 --num_train_epochs 3 \\
+        --logical_batch_size 16 --per_device_train_batch_size 4 --report_to none
+    python audit_privacy.py --output_dir outputs/audit_nodp --canary_repeats 8 -- \\
+        --model gemma3-270m --dataset bundled --disable_dp --num_train_epochs 5 --report_to none
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import string
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import train_dp_lora
+from utils import checkpoint as ckpt
+from utils import cli
+from utils.data import DataError, clean_rows, read_rows, row_hash
+from utils.model_loading import ModelLoadError
+from utils.prompt import DEFAULT_INSTRUCTION, encode_example
+
+QUESTION = "What is the access code of record {record}?"
+ID_ALPHABET = string.ascii_uppercase + string.digits
+FPR_LEVELS = (0.01, 0.1)
+
+
+@dataclass
+class AuditArguments:
+    output_dir: str = field(default="outputs/audit", metadata={"help": "audit files; the training run goes to OUTPUT_DIR/train"})
+    num_canaries: int = field(default=64, metadata={"help": "m: canaries each inserted with probability 1/2"})
+    secret_length: int = field(default=8, metadata={"help": "digits in a canary's secret answer (|R| = 10^length)"})
+    canary_repeats: int = field(default=0, metadata={"help": "R >= 2: also insert --num_repeated_canaries canaries R times each (0 = none)"})
+    num_repeated_canaries: int = field(default=4, metadata={"help": "how many repeated canaries when --canary_repeats is set"})
+    exposure_alternatives: int = field(default=200, metadata={"help": "A: random alternative secrets per canary for exposure"})
+    confidence: float = field(default=0.95, metadata={"help": "confidence of the epsilon lower bound"})
+    guess_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0], metadata={"help": "guess on this share of the m canaries (half in, half out); Bonferroni over them"})
+    seed: int = field(default=0, metadata={"help": "seeds the canaries, their inclusion and the alternatives"})
+    score_batch_size: int = field(default=64, metadata={"help": "rows per forward pass when scoring"})
+
+
+GROUPS = {"audit": AuditArguments}
+
+
+def parse_args(argv=None):
+    """Audit flags, then `--`, then train_dp_lora.py flags (stored as args.train)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = cli.build_parser(__doc__.split("\n\n")[0] + " Training flags follow `--`.", GROUPS, config_flag=False)
+    args = cli.parse_into(parser, GROUPS, argv[:split])
+    args.train = train_dp_lora.parse_args(argv[split + 1:])
+    return args
+
+
+def validate_args(args) -> None:
+    a = args.audit
+    problems = []
+    if a.num_canaries < 4:
+        problems.append(f"--num_canaries must be >= 4, got {a.num_canaries}")
+    if not 1 <= a.secret_length <= 32:
+        problems.append(f"--secret_length must be in [1, 32], got {a.secret_length}")
+    if a.canary_repeats == 1 or a.canary_repeats < 0:
+        problems.append(f"--canary_repeats must be 0 (none) or >= 2, got {a.canary_repeats}")
+    if a.canary_repeats and a.num_repeated_canaries < 1:
+        problems.append("--num_repeated_canaries must be >= 1 with --canary_repeats")
+    if a.exposure_alternatives < 1:
+        problems.append(f"--exposure_alternatives must be >= 1, got {a.exposure_alternatives}")
+    if not 0 < a.confidence < 1:
+        problems.append(f"--confidence must be in (0, 1), got {a.confidence}")
+    if not a.guess_fractions or not all(0 < f <= 1 for f in a.guess_fractions):
+        problems.append("--guess_fractions must be in (0, 1]")
+    elif min(guess_counts(a.num_canaries, a.guess_fractions)) < 2:
+        problems.append("--guess_fractions * --num_canaries must allow at least 2 guesses")
+    if a.score_batch_size < 1:
+        problems.append("--score_batch_size must be >= 1")
+    if problems:
+        raise cli.ArgumentErrors(problems)
+    train_dp_lora.validate_args(args.train)
+
+
+# -----------------------------------------------------------------------------
+# canaries
+
+
+def guess_counts(m: int, fractions) -> list[int]:
+    """r for each guess fraction: an even number of guesses, half "in" and half "out"."""
+    return sorted({2 * max(1, int(round(f * m / 2))) for f in fractions if 2 * max(1, int(round(f * m / 2))) <= m})
+
+
+def random_secret(rng: random.Random, length: int) -> str:
+    return "".join(rng.choice(string.digits) for _ in range(length))
+
+
+def make_canaries(a: AuditArguments, instruction: str, real_hashes: set, real_questions: set) -> list[dict]:
+    """m audit canaries (inserted with probability 1/2) and the repeated ones (always inserted, R copies)."""
+    rng = random.Random(f"canaries:{a.seed}")
+    canaries, used = [], set()
+    n_repeated = a.num_repeated_canaries if a.canary_repeats else 0
+    while len(canaries) < a.num_canaries + n_repeated:
+        record = "".join(rng.choice(ID_ALPHABET) for _ in range(8))
+        question = QUESTION.format(record=record)
+        if record in used or question in real_questions:
+            continue
+        used.add(record)
+        repeated = len(canaries) >= a.num_canaries
+        canary = {"index": len(canaries), "question": question, "secret": random_secret(rng, a.secret_length),
+                  "kind": "repeated" if repeated else "audit", "copies": a.canary_repeats if repeated else 1}
+        canary["included"] = True if repeated else rng.random() < 0.5
+        canaries.append(canary)
+    for canary in canaries:
+        canary["rows"] = [card_of(canary, instruction, j) for j in range(canary["copies"])]
+        if any(row_hash(row) in real_hashes for row in canary["rows"]):
+            raise DataError(f"canary {canary['question']!r} collides with a real row")
+    return canaries
+
+
+def card_of(canary: dict, instruction: str, copy: int = 0, secret: str | None = None) -> dict:
+    question = canary["question"] if copy == 0 else f"{canary['question']} (note {copy})"
+    return {"instruction": instruction, "input": question, "output": secret or canary["secret"]}
+
+
+# -----------------------------------------------------------------------------
+# the statistics
+
+
+def audit_p_value(epsilon: float, delta: float, m: int, r: int, v: int) -> float:
+    """Upper bound on P[>= v of r guesses correct] for an (epsilon, delta)-DP run with m canaries."""
+    from scipy.stats import binom
+
+    p = 1.0 / (1.0 + math.exp(-epsilon))  # the best any guess can do under epsilon-DP
+    tail = binom.sf(v - 1, r, p)
+    if delta == 0 or v == 0:
+        return min(1.0, tail)
+    just_below = np.cumsum(binom.pmf(np.arange(v - 1, -1, -1), r, p))  # [i - 1] = P[v - i <= Bin(r, p) < v]
+    return min(1.0, tail + 2 * m * delta * float(np.max(just_below / np.arange(1, v + 1))))
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, level: float) -> float:
+    """Largest epsilon whose p-value is still below `level` (0 if even epsilon = 0 is not rejected)."""
+    if audit_p_value(0.0, delta, m, r, v) >= level:
+        return 0.0
+    low, high = 0.0, 1.0
+    while audit_p_value(high, delta, m, r, v) < level:
+        low, high = high, 2 * high
+        if high > 1e3:
+            return low
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if audit_p_value(middle, delta, m, r, v) < level else (low, middle)
+    return low
+
+
+def one_run_bound(scores, included, delta: float, confidence: float, fractions) -> dict:
+    """The best Bonferroni-corrected lower bound over the guess counts, with each count's details."""
+    scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
+    m = len(scores)
+    order = np.argsort(scores, kind="stable")  # lowest score first: most likely trained on
+    counts = guess_counts(m, fractions)
+    level = (1 - confidence) / len(counts)
+    tries = []
+    for r in counts:
+        k = r // 2
+        correct = int(included[order[:k]].sum() + (~included[order[m - k:]]).sum())
+        tries.append({"guesses": r, "correct": correct, "epsilon_lower_bound": epsilon_lower_bound(m, r, correct, delta, level)})
+    best = max(tries, key=lambda t: t["epsilon_lower_bound"])
+    return {"epsilon_lower_bound": best["epsilon_lower_bound"], "confidence": confidence, "delta": delta, "m": m,
+            "level_per_test": level, "best": best, "tries": tries}
+
+
+def roc_summary(scores, included) -> dict:
+    """AUC and TPR at low FPR of the attack "lower score means member"."""
+    from scipy.stats import rankdata
+
+    member_likeness = -np.asarray(scores, dtype=float)
+    included = np.asarray(included, dtype=bool)
+    n_in, n_out = int(included.sum()), int((~included).sum())
+    if not n_in or not n_out:
+        return {"auc": float("nan"), **{f"tpr_at_fpr_{x:g}": float("nan") for x in FPR_LEVELS}}
+    ranks = rankdata(member_likeness)
+    auc = (ranks[included].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out)  # Mann-Whitney U / (n_in n_out)
+    thresholds = np.unique(member_likeness)[::-1]
+    tpr = np.array([(member_likeness[included] >= t).mean() for t in thresholds])
+    fpr = np.array([(member_likeness[~included] >= t).mean() for t in thresholds])
+    summary = {"auc": float(auc)}
+    for x in FPR_LEVELS:
+        within = tpr[fpr <= x]
+        summary[f"tpr_at_fpr_{x:g}"] = float(within.max()) if len(within) else 0.0
+    return summary
+
+
+def exposure(secret_loss: float, alternative_losses) -> float:
+    """-log2((c + 1) / (A + 1)), c = alternatives at least as likely (loss <= the secret's)."""
+    alternative_losses = np.asarray(alternative_losses, dtype=float)
+    c = int((alternative_losses <= secret_loss).sum())
+    return float(-math.log2((c + 1) / (len(alternative_losses) + 1)))
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def score_canaries(run_dir: Path, train_args, canaries: list[dict], a: AuditArguments, instruction: str) -> dict:
+    """Fine-tuned and base losses of every canary's secret, and the fine-tuned losses of the alternatives."""
+    from evaluate_qa import answer_nll  # mean answer-token NLL (utils.loss.per_example_loss), batched
+    from utils.generation import load_for_inference
+
+    model, tokenizer, _ = load_for_inference(str(run_dir), train_args.model.model, load_in_4bit=train_args.model.load_in_4bit)
+    cards = [c["rows"][0] for c in canaries]
+    finetuned = answer_nll(model, tokenizer, cards, a.score_batch_size)
+    with model.disable_adapter():
+        base = answer_nll(model, tokenizer, cards, a.score_batch_size)
+    rng = random.Random(f"alternatives:{a.seed}")
+    alternatives = [random_secret(rng, a.secret_length) for _ in range(a.exposure_alternatives)]
+    alternative_losses = []
+    for canary in canaries:
+        alt_cards = [card_of(canary, instruction, secret=s) for s in alternatives if s != canary["secret"]]
+        alternative_losses.append(answer_nll(model, tokenizer, alt_cards, a.score_batch_size))
+    return {"finetuned": finetuned, "base": base, "alternatives": alternative_losses}
+
+
+# -----------------------------------------------------------------------------
+
+
+def check_canary_lengths(canaries: list[dict], train_args) -> None:
+    """A canary longer than --max_seq_length would be skipped by training, silently breaking the coin flips."""
+    from utils.model_loading import load_tokenizer
+
+    tokenizer = load_tokenizer(train_args.model.model)
+    limit = train_args.data.max_seq_length
+    longest = max(len(encode_example(tokenizer, r["input"], r["output"], r["instruction"])["input_ids"]) for c in canaries for r in c["rows"])
+    if longest > limit:
+        raise cli.ArgumentErrors([f"canaries are up to {longest} tokens but --max_seq_length is {limit}; raise it or lower --secret_length"])
+
+
+def write_canaries(path: Path, canaries: list[dict]) -> None:
+    path.write_text("".join(json.dumps({k: v for k, v in c.items() if k != "rows"}) + "\n" for c in canaries), encoding="utf-8")
+
+
+def main(args) -> dict:
+    validate_args(args)
+    a, t = args.audit, args.train
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cards, _ = clean_rows(read_rows(t.data.dataset))
+    if t.data.max_train_samples > 0:
+        cards = cards[: t.data.max_train_samples]
+    instruction = cards[0]["instruction"] if cards else DEFAULT_INSTRUCTION
+    canaries = make_canaries(a, instruction, {row_hash(c) for c in cards}, {c["input"] for c in cards})
+    check_canary_lengths(canaries, t)
+    data_path = out / "audit_data.jsonl"
+    rows = cards + [row for c in canaries if c["included"] for row in c["rows"]]
+    data_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    write_canaries(out / "canaries.jsonl", canaries)
+
+    forced = {"dataset": str(data_path), "validation_fraction": 0.0, "test_fraction": 0.0, "max_train_samples": 0}
+    train_args = copy.copy(t)
+    train_args.data = dataclasses.replace(t.data, **forced)
+    train_args.training = dataclasses.replace(t.training, output_dir=str(out / "train"))
+    print(f"Audit: {a.num_canaries} canaries ({sum(c['included'] for c in canaries if c['kind'] == 'audit')} inserted)"
+          + (f" + {a.num_repeated_canaries} repeated x{a.canary_repeats}" if a.canary_repeats else "")
+          + f", {len(cards)} real rows -> {data_path}; training in {out / 'train'}")
+    train_dp_lora.main(train_args)
+    run_dir = out / "train"
+    report = ckpt.read_json(run_dir / "privacy_report.json")
+
+    trained = set(ckpt.read_json(run_dir / "split.json")["splits"]["train"]["hashes"])
+    for canary in canaries:  # the inclusion the bound assumes is the one that happened
+        present = [row_hash(row) in trained for row in canary["rows"]]
+        if any(present) != canary["included"] or (canary["included"] and not all(present)):
+            raise RuntimeError(f"canary {canary['index']} was {'not ' if canary['included'] else ''}meant to be trained on, but the split says otherwise")
+
+    scored = score_canaries(run_dir, train_args, canaries, a, instruction)
+    for canary, ft, base, alts in zip(canaries, scored["finetuned"], scored["base"], scored["alternatives"]):
+        canary.update(loss_finetuned=ft, loss_base=base, score=ft - base, exposure=exposure(ft, alts))
+    audit = [c for c in canaries if c["kind"] == "audit"]
+    scores, included = [c["score"] for c in audit], [c["included"] for c in audit]
+    bound = one_run_bound(scores, included, report["delta"], a.confidence, a.guess_fractions)
+    reported = report["epsilon"] if report["dp_enabled"] else None
+
+    def mean_exposure(group):
+        return float(np.mean([c["exposure"] for c in group])) if group else None
+
+    result = {
+        "epsilon_lower_bound": bound["epsilon_lower_bound"],
+        "reported_epsilon": reported,
+        "delta": report["delta"],
+        "dp_enabled": report["dp_enabled"],
+        "lower_bound_exceeds_reported": reported is not None and bound["epsilon_lower_bound"] > reported,
+        "confidence": a.confidence,
+        "attack": roc_summary(scores, included),
+        "one_run_audit": bound,
+        "exposure": {
+            "secret_space_bits": a.secret_length * math.log2(10),
+            "measurable_bits": math.log2(a.exposure_alternatives + 1),
+            "alternatives": a.exposure_alternatives,
+            "repeated": [{"index": c["index"], "copies": c["copies"], "exposure": c["exposure"]} for c in canaries if c["kind"] == "repeated"],
+            "mean_included_once": mean_exposure([c for c in audit if c["included"]]),
+            "mean_not_included": mean_exposure([c for c in audit if not c["included"]]),
+        },
+        "canaries": {"audit": len(audit), "inserted": int(sum(included)), "repeated": sum(c["kind"] == "repeated" for c in canaries),
+                     "canary_repeats": a.canary_repeats, "secret_length": a.secret_length},
+        "training": {"run_dir": str(run_dir), "n_train": report["n_train"], "steps": report["steps"],
+                     "noise_multiplier": report["noise_multiplier"], "sample_rate": report["sample_rate"], "forced_arguments": forced},
+    }
+    ckpt.write_json(out / "audit_report.json", result)
+    write_canaries(out / "canaries.jsonl", canaries)
+    print(summary_text(result))
+    return result
+
+
+def summary_text(result: dict) -> str:
+    attack, bound, exp = result["attack"], result["one_run_audit"], result["exposure"]
+    reported = f"{result['reported_epsilon']:.3f}" if result["reported_epsilon"] is not None else "none (--disable_dp)"
+    lines = [
+        "***** Privacy audit (one run, Steinke et al. 2023) *****",
+        f"  epsilon lower bound = {result['epsilon_lower_bound']:.3f} at {100 * result['confidence']:g}% confidence, delta = {result['delta']:.3g}"
+        f" ({bound['best']['correct']}/{bound['best']['guesses']} guesses correct, m = {bound['m']})",
+        f"  reported epsilon    = {reported}",
+        f"  attack AUC = {attack['auc']:.3f}; TPR at 1% FPR = {attack['tpr_at_fpr_0.01']:.3f}; TPR at 10% FPR = {attack['tpr_at_fpr_0.1']:.3f}",
+        f"  exposure (bits, max measurable {exp['measurable_bits']:.1f} of {exp['secret_space_bits']:.1f}): "
+        f"inserted once {exp['mean_included_once']:.2f}, never inserted {exp['mean_not_included']:.2f}"
+        + "".join(f"; repeated x{r['copies']} #{r['index']}: {r['exposure']:.2f}" for r in exp["repeated"]),
+    ]
+    if result["lower_bound_exceeds_reported"]:
+        lines.append("  WARNING: the lower bound exceeds the reported epsilon: the privacy guarantee does not hold for this run")
+    else:
+        lines.append("  A lower bound for this attack on this run, not a measure of how tight the reported epsilon is.")
+    return "\n".join(lines)
+
+
+def cli_main(argv=None) -> int:
+    try:
+        main(parse_args(argv))
+    except (cli.ArgumentErrors, DataError, ModelLoadError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

@@ -1,0 +1,142 @@
+"""audit_privacy.py: the one-run lower bound and its statistics, and the audit end to end on a tiny model.
+
+The end-to-end audits use a tiny VaultGemma with a larger initialisation (initializer_range 0.3):
+at the default 0.02 its frozen tied embeddings keep every logit within about +-1, so no adapter
+could memorise a secret and the no-DP audit would have no power to show.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import audit_privacy
+from conftest import bundled_cards, build_tiny_vaultgemma, write_cards
+
+FAST_AUDIT = ["--num_canaries", "48", "--secret_length", "6", "--exposure_alternatives", "20", "--canary_repeats", "3",
+              "--num_repeated_canaries", "1", "--seed", "0"]
+FAST_TRAIN = ["--max_train_samples", "20", "--logical_batch_size", "8", "--per_device_train_batch_size", "16",
+              "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--warmup_ratio", "0", "--eval_steps", "0",
+              "--save_steps", "0", "--report_to", "none"]
+
+
+# -----------------------------------------------------------------------------
+# statistics
+
+
+def test_p_value_at_epsilon_zero_is_a_fair_coin_tail():
+    from scipy.stats import binom
+
+    assert audit_privacy.audit_p_value(0.0, 0.0, m=100, r=40, v=28) == pytest.approx(binom.sf(27, 40, 0.5))
+    # delta only ever adds to the p-value
+    assert audit_privacy.audit_p_value(1.0, 1e-3, 100, 40, 30) > audit_privacy.audit_p_value(1.0, 0.0, 100, 40, 30)
+
+
+def test_all_guesses_correct_gives_the_closed_form_bound():
+    # delta = 0, v = r: p^r = level  =>  epsilon = log(p / (1 - p)) with p = level^(1/r)
+    level, r = 0.05, 30
+    p = level ** (1 / r)
+    bound = audit_privacy.epsilon_lower_bound(m=60, r=r, v=r, delta=0.0, level=level)
+    assert bound == pytest.approx(math.log(p / (1 - p)), abs=1e-6)
+    assert audit_privacy.epsilon_lower_bound(60, r, r, 1e-5, level) <= bound
+    assert audit_privacy.epsilon_lower_bound(60, r, r // 2, 0.0, level) == 0.0  # chance-level guessing proves nothing
+
+
+def randomized_response_scores(m, epsilon, rng):
+    """Scores of an epsilon-DP mechanism per canary: the membership bit, flipped w.p. 1 / (1 + e^eps)."""
+    included = rng.random(m) < 0.5
+    flipped = rng.random(m) < 1 / (1 + math.exp(epsilon))
+    observed = included ^ flipped
+    return np.where(observed, -1.0, 1.0) + 1e-3 * rng.random(m), included  # low score = "in"
+
+
+def test_bound_rarely_exceeds_the_true_epsilon_of_randomized_response():
+    # an exactly epsilon-DP mechanism: at 95% confidence the bound may exceed epsilon in <= 5% of runs
+    rng = np.random.default_rng(0)
+    bounds = [audit_privacy.one_run_bound(*randomized_response_scores(1000, 1.0, rng), 0.0, 0.95, [0.1, 0.5, 1.0])["epsilon_lower_bound"]
+              for _ in range(40)]
+    assert sum(b > 1.0 for b in bounds) <= 4
+    assert np.median(bounds) > 0.5  # and it is not vacuous: it gets close to the truth
+
+
+def test_roc_summary_and_exposure_on_known_cases():
+    included = np.array([True] * 5 + [False] * 5)
+    perfect = audit_privacy.roc_summary(np.where(included, -1.0, 1.0) + np.arange(10) * 1e-3, included)
+    assert perfect == {"auc": 1.0, "tpr_at_fpr_0.01": 1.0, "tpr_at_fpr_0.1": 1.0}
+    assert audit_privacy.roc_summary(np.where(included, 1.0, -1.0), included)["auc"] == 0.0
+    assert audit_privacy.exposure(0.1, [0.5] * 99) == pytest.approx(math.log2(100))  # rank 1 of 100
+    assert audit_privacy.exposure(0.6, [0.5] * 99) == 0.0  # every alternative is at least as likely
+
+
+def test_bad_audit_arguments_are_all_reported(capsys):
+    code = audit_privacy.cli_main(["--canary_repeats", "1", "--confidence", "1.5", "--num_canaries", "2", "--", "--epsilon", "0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    for fragment in ["--canary_repeats", "--confidence", "--num_canaries"]:
+        assert fragment in err
+
+
+# -----------------------------------------------------------------------------
+# end to end
+
+
+@pytest.fixture(scope="module")
+def audit_setup(tiny_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    model_dir = root / "tiny_wide_init"
+    build_tiny_vaultgemma(len(tiny_tokenizer), initializer_range=0.3).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    return root, str(model_dir), write_cards(root / "cards.jsonl", bundled_cards()[:40])
+
+
+def run_audit(setup, name, *train_flags):
+    root, model_dir, cards = setup
+    out = root / name
+    args = audit_privacy.parse_args(["--output_dir", str(out), *FAST_AUDIT, "--", "--model", model_dir, "--dataset", cards,
+                                     *FAST_TRAIN, *train_flags])
+    return out, audit_privacy.main(args)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_audit_without_dp_finds_a_large_lower_bound(audit_setup, capsys):
+    out, result = run_audit(audit_setup, "no_dp", "--disable_dp", "--num_train_epochs", "40", "--learning_rate", "0.03")
+    assert result["reported_epsilon"] is None and not result["dp_enabled"]
+    assert result["epsilon_lower_bound"] > 1.0
+    assert result["attack"]["auc"] > 0.9
+    exposure = result["exposure"]
+    assert exposure["mean_included_once"] > exposure["mean_not_included"] + 1.0
+    assert exposure["repeated"][0]["exposure"] > exposure["mean_not_included"]
+    # files: the canaries (all of them, with secrets and inclusion) and the data that was trained on
+    canaries = read_jsonl(out / "canaries.jsonl")
+    assert len(canaries) == 48 + 1 and {"secret", "included", "score", "exposure"} <= set(canaries[0])
+    real_questions = {c["input"] for c in bundled_cards()}
+    assert not any(c["question"] in real_questions for c in canaries)  # disjoint from the real rows, inserted or not
+    trained = read_jsonl(out / "audit_data.jsonl")
+    inserted = sum(c["copies"] for c in canaries if c["included"])
+    assert len(trained) == 20 + inserted and result["canaries"]["inserted"] == sum(c["included"] for c in canaries[:48])
+    split = json.loads((out / "train" / "split.json").read_text())
+    assert len(split["splits"]["train"]["indices"]) == len(trained) and not split["splits"]["validation"]["indices"]
+    assert json.loads((out / "audit_report.json").read_text())["epsilon_lower_bound"] == result["epsilon_lower_bound"]
+    assert "epsilon lower bound" in capsys.readouterr().out
+
+
+def test_audit_with_dp_stays_at_or_below_the_reported_epsilon(audit_setup):
+    _, result = run_audit(audit_setup, "dp", "--epsilon", "1", "--max_steps", "6", "--learning_rate", "0.03")
+    assert result["dp_enabled"] and 0 < result["reported_epsilon"] <= 1.0
+    assert result["epsilon_lower_bound"] <= result["reported_epsilon"]
+    assert not result["lower_bound_exceeds_reported"]
+
+
+def test_help_shows_every_audit_default_and_points_to_training_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        audit_privacy.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "Training flags follow `--`" in text
+    for flag in ["--num_canaries", "--canary_repeats", "--confidence", "--guess_fractions", "--exposure_alternatives"]:
+        assert flag in text
+    assert "(default: 64)" in text and "(default: 0.95)" in text

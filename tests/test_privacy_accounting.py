@@ -1,0 +1,120 @@
+"""Independent accounting check: every epsilon the project reports, recomputed with Google's dp_accounting.
+
+privacy_report.json records the mechanism the accountant was told about (report["dp_event"]: Poisson
+subsampled Gaussian, self-composed `steps` times, add/remove-one neighbours). Here that event is
+rebuilt as dp_accounting events and composed in its PLD accountant (tight, pessimistic
+discretisation) and its RDP accountant. The project's epsilon (Opacus PRV by default) must be
+  - not below the PLD epsilon by more than TOLERANCE (an under-report is the failure that matters),
+  - not above the PLD epsilon by more than OPACUS_PRV_ERROR plus TOLERANCE (else it describes some
+    other mechanism than the recorded one),
+  - never above the target;
+and RDP, the looser bound, must never be below PLD.
+"""
+
+import json
+import logging
+
+import pytest
+
+import train_dp_lora
+from conftest import bundled_cards, write_cards
+from utils import privacy
+
+TOLERANCE = 1e-3
+OPACUS_PRV_ERROR = 0.01  # Opacus's PRV accountant reports the upper end of an eps_error=0.01 window
+
+logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's RDP warns about orders it skips
+
+
+def dp_accounting_event(record: dict):
+    """dp_accounting's event for a report's dp_event record."""
+    import dp_accounting as dpa
+
+    def build(node):
+        kind = node["event"]
+        if kind == "ComposedDpEvent":
+            return dpa.ComposedDpEvent([build(e) for e in node["events"]])
+        if kind == "SelfComposedDpEvent":
+            return dpa.SelfComposedDpEvent(build(node["inner"]), node["count"])
+        if kind == "PoissonSampledDpEvent":
+            return dpa.PoissonSampledDpEvent(node["sampling_probability"], build(node["inner"]))
+        if kind == "GaussianDpEvent":
+            return dpa.GaussianDpEvent(node["noise_multiplier"])
+        raise ValueError(f"unknown event {kind!r}")
+
+    assert record["neighboring_relation"] == "add_or_remove_one"
+    return build(record)
+
+
+def independent_epsilons(event, delta: float) -> tuple[float, float]:
+    """(PLD epsilon, RDP epsilon) of `event` at `delta` from dp_accounting."""
+    from dp_accounting import NeighboringRelation
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    pld = PLDAccountant(NeighboringRelation.ADD_OR_REMOVE_ONE)
+    pld.compose(event)
+    rdp = RdpAccountant(neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE)
+    rdp.compose(event)
+    return pld.get_epsilon(delta), rdp.get_epsilon(delta)
+
+
+def poisson_gaussian(q: float, sigma: float, steps: int):
+    return dp_accounting_event(privacy.dp_event([(sigma, q, steps)]))
+
+
+def assert_honest(reported: float, target: float, pld: float, rdp: float, accountant: str):
+    assert reported <= target
+    assert reported >= pld - TOLERANCE, f"reported epsilon {reported} is below dp_accounting's PLD {pld}"
+    if accountant == "prv":
+        assert reported <= pld + OPACUS_PRV_ERROR + TOLERANCE, f"reported {reported} is far above PLD {pld}: another mechanism?"
+    assert rdp >= pld - TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("accounting_run")
+    out = root / "out"
+    args = train_dp_lora.parse_args([
+        "--model", tiny_model_dir, "--dataset", write_cards(root / "cards.jsonl", bundled_cards()[:60]), "--output_dir", str(out),
+        "--max_steps", "4", "--logical_batch_size", "8", "--per_device_train_batch_size", "4", "--save_steps", "2",
+        "--eval_steps", "0", "--report_to", "none", "--epsilon", "2"])
+    train_dp_lora.main(args)
+    return out
+
+
+def test_training_run_report_matches_dp_accounting(tiny_run):
+    report = json.loads((tiny_run / "privacy_report.json").read_text())
+    (entry,) = report["dp_event"]["events"]
+    # the recorded event is the mechanism the run executed: its q, its sigma, one composition per step
+    assert entry["count"] == report["steps"] == report["planned_steps"] == 4
+    assert entry["inner"]["sampling_probability"] == report["sample_rate"] == report["expected_batch_size"] / report["n_train"]
+    assert entry["inner"]["inner"]["noise_multiplier"] == report["noise_multiplier"] > 0
+    assert report["sampling"] == "poisson" and report["accountant"] == "prv"
+    pld, rdp = independent_epsilons(dp_accounting_event(report["dp_event"]), report["delta"])
+    assert_honest(report["epsilon"], report["target_epsilon"], pld, rdp, "prv")
+    assert report["epsilon_rdp"] >= pld - TOLERANCE
+
+
+def test_intermediate_checkpoint_report_matches_dp_accounting(tiny_run):
+    report = json.loads((tiny_run / "checkpoints" / "step_000002" / "privacy_report.json").read_text())
+    assert report["steps"] == 2 and report["dp_event"]["events"][0]["count"] == 2
+    pld, rdp = independent_epsilons(dp_accounting_event(report["dp_event"]), report["delta"])
+    assert_honest(report["epsilon"], report["target_epsilon"], pld, rdp, "prv")
+
+
+@pytest.mark.parametrize(
+    "target, delta, sample_rate, steps, accountant",
+    [
+        (2.0, 1e-5, 0.1, 100, "prv"),
+        (1.0, 1e-5, 0.01, 500, "prv"),
+        (3.0, 1 / (10 * 30_000), 64 / 30_000, 470, "prv"),  # one epoch of the hub data at the default batch and delta
+        (2.0, 1e-5, 0.05, 200, "rdp"),
+    ],
+    ids=["q0.1-T100", "q0.01-T500-eps1", "hub-1-epoch", "rdp-accountant"],
+)
+def test_calibrated_noise_meets_the_target_by_dp_accounting(target, delta, sample_rate, steps, accountant):
+    sigma = privacy.calibrate_noise(target, delta, sample_rate, steps, accountant)
+    reported = privacy.epsilon_after(steps, sigma, sample_rate, delta, accountant)
+    pld, rdp = independent_epsilons(poisson_gaussian(sample_rate, sigma, steps), delta)
+    assert_honest(reported, target, pld, rdp, accountant)
