@@ -47,11 +47,11 @@ from utils.model_loading import DEFAULT_MODEL, ModelLoadError, default_compute_d
 
 # Every metric sent to the tracker, and what it is computed from. Epsilon covers none of the
 # data-dependent ones (they are outside the released adapters); N, and so q and the default delta,
-# is treated as public, as DP-SGD accounting does.
+# is treated as public, as DP-SGD accounting does. The realised Poisson batch size is deliberately
+# not logged: the mechanism the accountant covers releases only the noisy gradient sum.
 LOGGED_METRICS = {
     "train/loss": "private: mean loss of the step's Poisson-sampled training rows",
     "train/lr": "public: the learning-rate schedule at this step",
-    "train/batch_size": "private: how many rows the Poisson draw took (leaks a little about N and membership)",
     "privacy/epsilon": "public: the accountant's epsilon so far (function of q, sigma, steps, delta)",
     "privacy/delta": "public: the target delta",
     "eval/loss": "private: mean loss on the validation rows, which no DP guarantee covers",
@@ -410,7 +410,7 @@ def main(args):
         examples["drawn"] += len(drawn)
         examples["processed"] += n_processed
         epsilon = accountant.get_epsilon(delta) if dp else float("inf")
-        metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0], "train/batch_size": n_processed,
+        metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
                    "privacy/epsilon": epsilon, "privacy/delta": delta}
         if t.eval_steps and (step + 1) % t.eval_steps == 0 and validation:
             metrics["eval/loss"] = evaluate_loss(model, validation, t.per_device_train_batch_size, tokenizer.pad_token_id, device, rank, world)
