@@ -110,6 +110,7 @@ class TrainingArguments:
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear warmup before the cosine decay"})
     eval_steps: int = field(default=50, metadata={"help": "validation loss every K steps (0 = only at the end)"})
     save_steps: int = field(default=100, metadata={"help": "checkpoint every K steps (0 = only at the end)"})
+    epsilon_log_steps: int = field(default=10, metadata={"help": "exact epsilon every K steps and at the end; logged in between: epsilon at the next exact step (an upper bound)"})
     save_loss_threshold: float | None = field(default=None, metadata={"help": "also checkpoint when the step's training loss is below this (marked as selected on private data)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest' in --output_dir"})
     seed: int = field(default=42, metadata={"help": "seeds data split, sampling, noise, dropout and LoRA init"})
@@ -155,6 +156,8 @@ def validate_args(args, n_train: int | None = None) -> None:
         problems.append(f"--warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.eval_steps < 0 or t.save_steps < 0:
         problems.append("--eval_steps and --save_steps must be >= 0")
+    if t.epsilon_log_steps < 1:
+        problems.append(f"--epsilon_log_steps must be >= 1, got {t.epsilon_log_steps}")
     if m.load_in_4bit and m.model.endswith(".gguf"):
         problems.append("--load_in_4bit needs a safetensors model, not a .gguf file (use the embedded name gemma3-270m)")
     if n_train is not None:
@@ -338,6 +341,7 @@ def main(args):
             optimizer = distributed.make_dp_optimizer(optimizer, sigma, p.max_grad_norm, t.logical_batch_size, world, noise_generator, p.secure_mode)
         accountant = privacy.make_accountant(p.accountant)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
+        logged_epsilon = privacy.LoggedEpsilon(accountant, p.accountant, delta, t.epsilon_log_steps, min(steps, budget))
     start_step = 0
     if t.resume_from_checkpoint:
         resume_path = ckpt.find_checkpoint(t.output_dir, t.resume_from_checkpoint)
@@ -409,7 +413,7 @@ def main(args):
             train_loss, n_processed = distributed.step_totals(step_losses, len(drawn), device)
         examples["drawn"] += len(drawn)
         examples["processed"] += n_processed
-        epsilon = accountant.get_epsilon(delta) if dp else float("inf")
+        epsilon = logged_epsilon.after(step + 1) if dp else float("inf")
         metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
                    "privacy/epsilon": epsilon, "privacy/delta": delta}
         if t.eval_steps and (step + 1) % t.eval_steps == 0 and validation:

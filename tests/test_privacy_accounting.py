@@ -118,3 +118,20 @@ def test_calibrated_noise_meets_the_target_by_dp_accounting(target, delta, sampl
     reported = privacy.epsilon_after(steps, sigma, sample_rate, delta, accountant)
     pld, rdp = independent_epsilons(poisson_gaussian(sample_rate, sigma, steps), delta)
     assert_honest(reported, target, pld, rdp, accountant)
+
+
+def test_logged_epsilon_never_understates_and_is_exact_every_k_steps_and_at_the_end():
+    from utils import privacy
+
+    sigma, q, delta, last = 1.1, 0.05, 1e-5, 23
+    accountant = privacy.make_accountant("rdp")
+    logged = privacy.LoggedEpsilon(accountant, "rdp", delta, every=5, last_step=last)
+    for step in range(1, last + 1):
+        accountant.step(noise_multiplier=sigma, sample_rate=q)
+        exact = accountant.get_epsilon(delta)
+        value = logged.after(step)
+        assert value >= exact - 1e-12
+        if step % 5 == 0 or step == last:
+            assert value == pytest.approx(exact, rel=1e-12)
+        else:  # the next exact step's epsilon, capped at the last step
+            assert value == pytest.approx(privacy.epsilon_after(min(-(-step // 5) * 5, last), sigma, q, delta, "rdp"), rel=1e-12)

@@ -376,8 +376,9 @@ def test_accountant_steps_equal_optimizer_steps_at_the_logical_q_despite_physica
 def test_empty_poisson_draw_is_a_counted_noise_only_step(instrumented_run):
     report, logged = instrumented_run["report"], instrumented_run["logged"]
     assert report["empty_steps"] == instrumented_run["empty"]
-    sizes = {step: values["train/batch_size"] for step, values in logged if "train/batch_size" in values}
-    assert sorted(sizes) == list(range(1, STEPS + 1)) and sizes[EMPTY_STEP + 1] == 0
+    losses = {step: values["train/loss"] for step, values in logged if "privacy/epsilon" in values}
+    assert sorted(losses) == list(range(1, STEPS + 1))  # every step, the empty one included, is logged with its epsilon
+    assert math.isnan(losses[EMPTY_STEP + 1])  # no row drawn: no loss to report
 
 
 def test_nan_loss_example_is_left_out_and_reported(instrumented_run):

@@ -48,6 +48,30 @@ def epsilon_after(steps: int, noise_multiplier: float, sample_rate: float, delta
     return acc.get_epsilon(delta)
 
 
+class LoggedEpsilon:
+    """Epsilon to log after every step, at one accountant evaluation per `every` steps.
+
+    One PRV evaluation costs 0.2-1 s, as much as a whole GPU step. Epsilon only grows with steps, so
+    between evaluations the value given is epsilon at the next evaluation step (or at the last step
+    the run may take): an upper bound on what has been spent, never an understatement. It is exact at
+    every `every`-th step and at the last step; privacy_report.json is always exact.
+    """
+
+    def __init__(self, accountant, kind: str, delta: float, every: int, last_step: int):
+        self.accountant, self.kind, self.delta, self.every, self.last_step = accountant, kind, delta, max(1, every), last_step
+        self._until, self._value = 0, float("nan")
+
+    def after(self, steps_taken: int) -> float:
+        history = self.accountant.history
+        if self.every == 1 or steps_taken >= self.last_step or len(history) != 1:
+            return self.accountant.get_epsilon(self.delta)
+        if steps_taken > self._until:
+            self._until = min(-(-steps_taken // self.every) * self.every, self.last_step)
+            noise_multiplier, sample_rate, _ = history[0]  # one (sigma, q) for the whole run: resume refuses others
+            self._value = epsilon_after(self._until, noise_multiplier, sample_rate, self.delta, self.kind)
+        return self._value
+
+
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """The smallest noise multiplier (to Opacus's search tolerance) whose epsilon after `steps` is <= target."""
     from opacus.accountants.utils import get_noise_multiplier
