@@ -93,7 +93,7 @@ class PrivacyArguments:
     delta: float | None = field(default=None, metadata={"help": "target delta; default min(1e-5, 1/(10N)); must be < 1/N"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "per-example clipping norm C"})
     accountant: str = field(default="prv", metadata={"help": "privacy accountant", "choices": list(privacy.ACCOUNTANTS)})
-    grad_sample_mode: str = field(default="ew", metadata={"help": "per-sample gradient mode (all exact, see tests/test_loss.py); DP step time / non-private, measured by bench/bench_step.py on a 4-layer VaultGemma, T=128, B=8, vocab 2000 (CPU): ew 1.04x, hooks 1.14x, functorch 1.26x", "choices": list(privacy.GRAD_SAMPLE_MODES)})
+    grad_sample_mode: str = field(default="ew", metadata={"help": "per-sample gradients (all exact: tests/test_loss.py). DP step time / non-private step, bench/bench_step.py on CPU, 4-layer h256 VaultGemma, T=128, B=8: vocab 2000 (per-sample cost alone) ew 1.05x, hooks 1.15x, functorch 1.27x; real 256k vocab ew 1.00x. Gemma 3 270M, T=128, B=4: ew 1.02x, hooks 1.06x", "choices": list(privacy.GRAD_SAMPLE_MODES)})
     secure_mode: bool = field(default=False, metadata={"help": "cryptographically random sampling and noise (slower, not reproducible)"})
     disable_dp: bool = field(default=False, metadata={"help": "non-private baseline: same sampling and loss, no clipping or noise"})
 

@@ -194,8 +194,8 @@ def make_dp_optimizer(optimizer, noise_multiplier: float, max_grad_norm: float, 
 
 
 # Per-sample gradient modes that work on the unwrapped model and give exactly the brute-force
-# per-example gradients (tests/test_loss.py). Opacus's "ghost" needs its own double-backward loss
-# and was 1.67x a non-private step, so it is not offered.
+# per-example gradients (tests/test_loss.py). Opacus's "ghost" clipping needs its own double-backward
+# loss and was 1.67x a non-private step in an earlier measurement, so it is not offered.
 GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
 
 
@@ -231,14 +231,16 @@ class ExpandedWeightsBody:
         if outside:
             raise ValueError(f'grad_sample_mode="ew" needs every trainable weight used only inside the decoder body; {outside[0]} is outside (use "hooks")')
         self._running = False
+        self._inner_forward = self.body.forward  # the class's, or one a library already set on the instance
+        self._instance_forward = self.body.__dict__.get("forward")
         self.body.forward = self._forward  # an instance attribute shadows the class's forward
 
     def _forward(self, *args, **kwargs):
         if self._running or not torch.is_grad_enabled():  # the inner call, or evaluation
-            return type(self.body).forward(self.body, *args, **kwargs)
+            return self._inner_forward(*args, **kwargs)
         from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
-        first = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds", args[0] if args else None)
+        first = next(x for x in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if isinstance(x, torch.Tensor))
         self._running = True
         try:
             return call_for_per_sample_grads(self.body, batch_size=first.shape[0], loss_reduction="sum")(*args, **kwargs)
@@ -246,7 +248,10 @@ class ExpandedWeightsBody:
             self._running = False
 
     def remove_hooks(self) -> None:
-        self.body.__dict__.pop("forward", None)
+        if self._instance_forward is not None:
+            self.body.forward = self._instance_forward
+        else:
+            self.body.__dict__.pop("forward", None)
 
 
 def prepare_empty_step(params, dp: bool) -> None:
