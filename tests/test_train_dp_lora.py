@@ -216,3 +216,17 @@ def test_wandb_offline_run_records_epsilon_and_loss(tiny_model_dir, tmp_path, mo
     assert json.dumps(report["epsilon"]).encode() in records  # the final epsilon, logged at the last step
     for key in [b"privacy/epsilon", b"privacy/delta", b"train/loss", b"train/lr"]:
         assert records.count(key) >= 2, key  # one history row per optimizer step
+
+
+def test_4bit_base_trains_lora_adapters_under_dp(tiny_model_dir, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+
+    captured = {}
+    build = train_dp_lora.build_model
+    monkeypatch.setattr(train_dp_lora, "build_model", lambda *a, **k: captured.setdefault("model", build(*a, **k)))
+    run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--load_in_4bit")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in captured["model"].modules())
+    assert all(p.dtype == torch.float32 for p in captured["model"].parameters() if p.requires_grad)
+    report = read(tmp_path / "privacy_report.json")
+    assert report["steps"] == 2 and report["epsilon"] <= 3.0
+    assert any(v.abs().sum() > 0 for k, v in adapter_tensors(tmp_path / "adapter").items() if "lora_B" in k)
