@@ -303,6 +303,7 @@ def main(args):
         os.makedirs(t.output_dir, exist_ok=True)
     set_seed(t.seed, device_specific=True)  # rank r: seed + r (dropout); LoRA init comes from rank 0
     device = accelerator.device
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)  # global rank 0 only, also across nodes
 
     tokenizer = load_tokenizer(m.model)
     train, validation, split_info, data_stats = prepare_data(args, tokenizer)
@@ -346,14 +347,14 @@ def main(args):
     if t.resume_from_checkpoint:
         resume_path = ckpt.find_checkpoint(t.output_dir, t.resume_from_checkpoint)
         start_step = resume(resume_path, model, optimizer, scheduler, noise_generator, plan, accountant, rank, world)
-        accelerator.print(f"Resumed from {resume_path} at step {start_step}")
+        say(f"Resumed from {resume_path} at step {start_step}")
 
     resolved = cli.to_dict(args)
     if accelerator.is_main_process:
         ckpt.write_json(Path(t.output_dir) / "args.json", resolved)
         ckpt.write_json(Path(t.output_dir) / "split.json", split_info)
     accelerator.init_trackers(t.project_name, config=tracking.flatten_config(resolved), init_kwargs=tracking.tracker_init_kwargs(t.report_to, t.output_dir))
-    accelerator.print(
+    say(
         f"***** Running {'DP' if dp else 'NON-PRIVATE'} LoRA training *****\n"
         f"  model {m.model} on {device}" + (f" and {world - 1} more processes" if world > 1 else "") + f"; trainable {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)\n"
         f"  N (training rows) = {n_train}; validation {len(validation)}; test {data_stats['n_test']}\n"
@@ -364,7 +365,7 @@ def main(args):
            if dp else "  NO privacy guarantee: --disable_dp")
     )
     if t.report_to == "wandb":
-        accelerator.print(f"  W&B: {wandb_mode}" + (f", run stored in {tracking.wandb_run_dir(accelerator)}; sync it later with `wandb sync <that dir>`" if wandb_mode == "offline" else ""))
+        say(f"  W&B: {wandb_mode}" + (f", run stored in {tracking.wandb_run_dir(accelerator)}; sync it later with `wandb sync <that dir>`" if wandb_mode == "offline" else ""))
 
     sampler = privacy.PoissonSampler(n_train, q, t.seed, secure_mode=p.secure_mode)
     lengths = [len(e["input_ids"]) for e in train]
@@ -376,7 +377,7 @@ def main(args):
     for step in range(start_step, steps):
         if step >= budget:
             counters["stopped_by_budget"] = True
-            accelerator.print(f"Stopping before step {step + 1}: it would take epsilon past the target {p.epsilon}")
+            say(f"Stopping before step {step + 1}: it would take epsilon past the target {p.epsilon}")
             break
         drawn = distributed.global_draw(sampler, step, device, world)
         batches = privacy.physical_batches(distributed.split_draw(drawn, lengths, rank, world), lengths, t.per_device_train_batch_size)
@@ -441,7 +442,7 @@ def main(args):
     if world > 1:
         parallel["replicas_identical"] = distributed.replicas_identical(params)
         if not parallel["replicas_identical"]:
-            accelerator.print("WARNING: ranks ended with different LoRA weights; the saved adapters are rank 0's")
+            say("WARNING: ranks ended with different LoRA weights; the saved adapters are rank 0's")
     report = privacy_report(plan, accountant, steps_taken, counters)
     results = {"train/loss": train_loss, "eval/loss": eval_loss, "privacy/epsilon": report["epsilon"], "privacy/delta": delta,
                "steps": steps_taken, "train_seconds": time.time() - started, "trainable_parameters": n_trainable, "data": data_stats,
@@ -457,7 +458,7 @@ def main(args):
     accelerator.wait_for_everyone()  # every rank returns only once the outputs exist
     run_dir = tracking.wandb_run_dir(accelerator) if t.report_to == "wandb" else None
     accelerator.end_training()
-    accelerator.print(
+    say(
         f"Done: {steps_taken} steps, train loss {train_loss:.4f}, eval loss {eval_loss:.4f}; "
         + (f"epsilon = {report['epsilon']:.4f} (target {p.epsilon}), delta = {delta:.3g}" if dp else "no privacy guarantee (--disable_dp)")
         + f"\n  adapters: {Path(t.output_dir) / 'adapter'}; report: {Path(t.output_dir) / 'privacy_report.json'}"

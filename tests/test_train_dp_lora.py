@@ -230,3 +230,20 @@ def test_4bit_base_trains_lora_adapters_under_dp(tiny_model_dir, tmp_path, monke
     report = read(tmp_path / "privacy_report.json")
     assert report["steps"] == 2 and report["epsilon"] <= 3.0
     assert any(v.abs().sum() > 0 for k, v in adapter_tensors(tmp_path / "adapter").items() if "lora_B" in k)
+
+
+def test_tensorboard_tracker_records_epsilon_per_step(tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--report_to", "tensorboard", "--epsilon_log_steps", "1")
+    events = [p.parent for p in tmp_path.rglob("events.out.tfevents.*")]
+    assert events
+    scalars = {}
+    for directory in set(events):
+        accumulator = EventAccumulator(str(directory))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars[tag] = [event.value for event in accumulator.Scalars(tag)]
+    assert len(scalars["privacy/epsilon"]) == 2 and scalars["privacy/epsilon"][0] < scalars["privacy/epsilon"][1]
+    assert scalars["privacy/epsilon"][1] == pytest.approx(read(tmp_path / "privacy_report.json")["epsilon"], rel=1e-6)
+    assert len(scalars["train/loss"]) == 2
