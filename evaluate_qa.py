@@ -456,12 +456,7 @@ def main(args):
 
 
 def cli_main(argv=None) -> int:
-    try:
-        main(parse_args(argv))
-    except (cli.ArgumentErrors, EvaluationError, DataError, AdapterError, ModelLoadError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run_main(main, parse_args, argv, (cli.ArgumentErrors, EvaluationError, DataError, AdapterError, ModelLoadError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -470,12 +470,7 @@ def main(args):
 
 
 def cli_main(argv=None) -> int:
-    try:
-        main(parse_args(argv))
-    except (cli.ArgumentErrors, DataError, ModelLoadError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run_main(main, parse_args, argv, (cli.ArgumentErrors, DataError, ModelLoadError, FileNotFoundError))
 
 
 if __name__ == "__main__":

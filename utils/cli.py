@@ -8,6 +8,7 @@ A YAML config (`--config FILE`) may set any field; the command line wins over it
 
 import argparse
 import dataclasses
+import sys
 import typing
 
 
@@ -105,3 +106,13 @@ class ArgumentErrors(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid arguments:\n  - " + "\n  - ".join(problems))
+
+
+def run_main(main, parse_args, argv, user_errors: tuple) -> int:
+    """Run a script's main(parse_args(argv)); a problem the user can fix is one line on stderr and exit code 2."""
+    try:
+        main(parse_args(argv))
+    except user_errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
