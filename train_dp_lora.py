@@ -207,6 +207,22 @@ def build_model(args, tokenizer, device, mixed_precision="no"):
     return model.to(device)
 
 
+def backward_examples(model, batch, params, dp: bool, logical_batch_size: int) -> tuple[torch.Tensor, int]:
+    """Forward and backward one physical batch; returns (per-example losses, how many were NaN/inf).
+
+    DP backpropagates the plain sum, so each per-sample gradient is that example's own (the DP
+    optimizer clips, adds noise and divides by the expected batch); without DP the sum is divided by
+    the logical batch here. A NaN/inf example is left out of the sum and its per-sample gradient
+    zeroed, whatever backward made of it.
+    """
+    example_losses = per_example_loss(model, batch)
+    finite = torch.isfinite(example_losses)
+    kept_sum = example_losses[finite].sum()
+    (kept_sum if dp else kept_sum / logical_batch_size).backward()
+    nonfinite = privacy.zero_nonfinite_grad_samples(params, ~finite) if dp else int((~finite).sum())
+    return example_losses.detach().float(), nonfinite
+
+
 @torch.no_grad()
 def evaluate_loss(model, examples, batch_size, pad_id, device, rank=0, world_size=1) -> float:
     """Mean per-example answer loss over held-out examples (with several processes each evaluates a share)."""
@@ -384,20 +400,13 @@ def main(args):
         losses = []
         for i, rows in enumerate(batches):
             batch = {k: v.to(device) for k, v in collate([train[r] for r in rows], tokenizer.pad_token_id).items()}
-            example_losses = per_example_loss(model, batch)
-            finite = torch.isfinite(example_losses)  # a NaN/inf example is left out of the sum and counted
-            # DP: sum, so each per-sample gradient is that example's own; the DP optimizer divides by the expected batch
-            kept_sum = example_losses[finite].sum()
-            (kept_sum if dp else kept_sum / t.logical_batch_size).backward()
-            losses.append(example_losses.detach().float())
-            if dp:  # ... and its per-sample gradient zeroed, whatever backward made of it
-                counters["nonfinite_examples"] += privacy.zero_nonfinite_grad_samples(params, ~finite)
-                if i < len(batches) - 1:  # clip and accumulate this physical batch; noise once per logical batch
-                    optimizer.signal_skip_step(do_skip=True)
-                    optimizer.step()
-                    optimizer.zero_grad()
-            else:
-                counters["nonfinite_examples"] += int((~finite).sum())
+            example_losses, nonfinite = backward_examples(model, batch, params, dp, t.logical_batch_size)
+            losses.append(example_losses)
+            counters["nonfinite_examples"] += nonfinite
+            if dp and i < len(batches) - 1:  # clip and accumulate this physical batch; noise once per logical batch
+                optimizer.signal_skip_step(do_skip=True)
+                optimizer.step()
+                optimizer.zero_grad()
         if not batches:  # an empty draw, or an empty share of it: this rank still steps and joins the all-reduce
             counters["empty_steps"] += int(not drawn)
             privacy.prepare_empty_step(params, dp)

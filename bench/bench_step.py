@@ -6,11 +6,11 @@ Contract
   of each row a masked prompt and the rest answer tokens (no padding: the worst case for memory).
 - Arms, each with its own optimizer over the same LoRA weights, measured round-robin (the order
   rotates every round) so that load from other processes hits them alike:
-    nonprivate   utils.loss.per_example_loss, (sum / B).backward(), AdamW step: train_dp_lora.py
-                 with --disable_dp;
+    nonprivate   train_dp_lora.backward_examples (per-example loss, (sum / B).backward()), AdamW
+                 step: train_dp_lora.py with --disable_dp;
     dp_<mode>    what train_dp_lora.py runs per step with --grad_sample_mode <mode>:
-                 privacy.attach_per_sample_hooks (unwrapped), per_example_loss, sum().backward(),
-                 privacy.zero_nonfinite_grad_samples, privacy.make_dp_optimizer over AdamW with the
+                 privacy.attach_per_sample_hooks (unwrapped), train_dp_lora.backward_examples (the
+                 loop's own function), privacy.make_dp_optimizer over AdamW with the
                  accountant's step hook (clip, noise, step);
     notebook     the public notebook's path: Opacus GradSampleModule (wrapped, default hooks,
                  loss_reduction="mean") around the model, the Hugging Face loss model(labels=...)
@@ -25,7 +25,7 @@ Contract
   running sum of the allocation and free events of torch's CPU allocator recorded by
   torch.profiler(profile_memory=True) during the step; allocations outside torch's allocator
   (oneDNN/BLAS scratch space) are not seen.
-- The accountant's get_epsilon, which train_dp_lora.py calls once per step, is timed separately
+- The accountant's get_epsilon, which train_dp_lora.py calls once per --epsilon_log_steps, is timed separately
   (epsilon_ms in the JSON).
 - Output: a table on stdout and JSON (--output) with every time, peak, ratio and the machine.
   Timings on a shared CPU are noisy; the ratios within one run are what count.
@@ -58,7 +58,6 @@ import torch  # noqa: E402
 
 import train_dp_lora  # noqa: E402
 from utils import cli, privacy  # noqa: E402
-from utils.loss import per_example_loss  # noqa: E402
 from utils.prompt import IGNORE_INDEX  # noqa: E402
 
 SYNTHETIC_MODEL = "vaultgemma-config"
@@ -236,9 +235,7 @@ def nonprivate_arm(model, params, batch_size: int) -> Arm:
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
 
     def step(batch):
-        example_losses = per_example_loss(model, batch)
-        finite = torch.isfinite(example_losses)
-        (example_losses[finite].sum() / batch_size).backward()
+        train_dp_lora.backward_examples(model, batch, params, False, batch_size)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -253,10 +250,7 @@ def project_dp_arm(model, params, batch_size: int, mode: str, device, seed: int)
     attached = []
 
     def step(batch):
-        example_losses = per_example_loss(model, batch)
-        finite = torch.isfinite(example_losses)
-        example_losses[finite].sum().backward()
-        privacy.zero_nonfinite_grad_samples(params, ~finite)
+        train_dp_lora.backward_examples(model, batch, params, True, batch_size)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
