@@ -247,3 +247,13 @@ def test_tensorboard_tracker_records_epsilon_per_step(tiny_model_dir, tmp_path):
     assert len(scalars["privacy/epsilon"]) == 2 and scalars["privacy/epsilon"][0] < scalars["privacy/epsilon"][1]
     assert scalars["privacy/epsilon"][1] == pytest.approx(read(tmp_path / "privacy_report.json")["epsilon"], rel=1e-6)
     assert len(scalars["train/loss"]) == 2
+
+
+def test_yaml_config_sets_flags_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("epsilon: 8\nlora_r: 4\nlora_target_modules: [q_proj, v_proj]\ndisable_dp: false\n", encoding="utf-8")
+    args = train_dp_lora.parse_args(["--config", str(config), "--lora_r", "16"])
+    assert args.privacy.epsilon == 8 and args.lora.lora_r == 16 and args.lora.lora_target_modules == ["q_proj", "v_proj"]
+    config.write_text("epsilom: 8\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        train_dp_lora.parse_args(["--config", str(config)])
