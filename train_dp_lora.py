@@ -217,8 +217,12 @@ def backward_examples(model, batch, params, dp: bool, logical_batch_size: int) -
     """
     example_losses = per_example_loss(model, batch)
     finite = torch.isfinite(example_losses)
-    kept_sum = example_losses[finite].sum()
-    (kept_sum if dp else kept_sum / logical_batch_size).backward()
+    if dp or finite.all():
+        kept_sum = example_losses[finite].sum()
+    else:  # 0 * NaN in the backward would still reach the summed gradient: redo the batch without those rows
+        kept_sum = per_example_loss(model, {k: v[finite] for k, v in batch.items()}).sum() if finite.any() else None
+    if kept_sum is not None:
+        (kept_sum if dp else kept_sum / logical_batch_size).backward()
     nonfinite = privacy.zero_nonfinite_grad_samples(params, ~finite) if dp else int((~finite).sum())
     return example_losses.detach().float(), nonfinite
 

@@ -257,3 +257,30 @@ def test_yaml_config_sets_flags_and_the_command_line_wins(tmp_path):
     config.write_text("epsilom: 8\n", encoding="utf-8")
     with pytest.raises(SystemExit):
         train_dp_lora.parse_args(["--config", str(config)])
+
+
+def test_non_private_backward_leaves_out_and_counts_a_nan_example(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from utils.data import collate
+    from utils.prompt import encode_example
+
+    args = train_dp_lora.parse_args(["--model", tiny_model_dir, "--lora_dropout", "0"])
+    model = train_dp_lora.build_model(args, tiny_tokenizer, torch.device("cpu"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    poisoned = encode_example(tiny_tokenizer, "What is insulin?", "A hormone.")
+    healthy = encode_example(tiny_tokenizer, "What is renin?", "An enzyme made by the kidney.")
+    assert len(poisoned["input_ids"]) != len(healthy["input_ids"])
+    real = train_dp_lora.per_example_loss
+
+    def nan_for_poisoned_rows(m, b):  # a NaN made inside the graph, as a real overflow would be
+        rows_poisoned = b["attention_mask"].sum(1) == len(poisoned["input_ids"])
+        return real(m, b) * torch.where(rows_poisoned, float("nan"), 1.0)
+
+    monkeypatch.setattr(train_dp_lora, "per_example_loss", nan_for_poisoned_rows)
+    losses, nonfinite = train_dp_lora.backward_examples(model, collate([poisoned, healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2)
+    assert nonfinite == 1 and torch.isnan(losses[0]) and torch.isfinite(losses[1])
+    with_nan = [p.grad.clone() for p in params]
+    assert all(torch.isfinite(g).all() for g in with_nan)
+    for p in params:  # the gradient is exactly that of the healthy example alone, over the logical batch
+        p.grad = None
+    train_dp_lora.backward_examples(model, collate([healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2)
+    assert all(torch.allclose(a, p.grad, atol=1e-7) for a, p in zip(with_nan, params))
