@@ -356,10 +356,8 @@ def main(args):
         privacy.attach_per_sample_hooks(model, p.grad_sample_mode)
         if not p.secure_mode:
             noise_generator = torch.Generator(device=device).manual_seed(t.seed + 1)
-        if world == 1:
-            optimizer = privacy.make_dp_optimizer(optimizer, sigma, p.max_grad_norm, t.logical_batch_size, noise_generator, p.secure_mode)
-        else:  # noise once, on rank 0; the all-reduced gradient is divided by the logical batch once
-            optimizer = distributed.make_dp_optimizer(optimizer, sigma, p.max_grad_norm, t.logical_batch_size, world, noise_generator, p.secure_mode)
+        # with several processes: noise once, on rank 0; the all-reduced gradient is divided by the logical batch once
+        optimizer = privacy.make_dp_optimizer(optimizer, sigma, p.max_grad_norm, t.logical_batch_size, noise_generator, p.secure_mode, world)
         accountant = privacy.make_accountant(p.accountant)
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
         logged_epsilon = privacy.LoggedEpsilon(accountant, p.accountant, delta, t.epsilon_log_steps, min(steps, budget))

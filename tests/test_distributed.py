@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils import distributed
+from utils import distributed, privacy
 from utils.privacy import PoissonSampler
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,13 +129,13 @@ def _collectives(rank, world_size, port, out_dir):
     for secure in (False, True):
         param = torch.nn.Parameter(torch.zeros(NOISE_DIM))
         generator = None if secure else torch.Generator().manual_seed(7)  # same seed on every rank, as in training
-        optimizer = distributed.make_dp_optimizer(torch.optim.SGD([param], lr=1.0), SIGMA, CLIP, LOGICAL, world_size, generator, secure)
+        optimizer = privacy.make_dp_optimizer(torch.optim.SGD([param], lr=1.0), SIGMA, CLIP, LOGICAL, generator, secure, world_size)
         found[f"noise_secure={secure}"] = step(optimizer, param, torch.zeros(3 if rank == 0 else 0, NOISE_DIM))
         found[f"class_secure={secure}"] = type(optimizer).__name__
 
     # no noise: per-example gradients of norm 3 and 0.5 on rank 0, norm 4 on rank 1, clipped to C = 1
     param = torch.nn.Parameter(torch.zeros(3))
-    optimizer = distributed.make_dp_optimizer(torch.optim.SGD([param], lr=1.0), 0.0, 1.0, 4, world_size)
+    optimizer = privacy.make_dp_optimizer(torch.optim.SGD([param], lr=1.0), 0.0, 1.0, 4, world_size=world_size)
     rows = torch.tensor([[3.0, 0, 0], [0, 0.5, 0]]) if rank == 0 else torch.tensor([[0, 0, 4.0]])
     found["clipped_mean"] = step(optimizer, param, rows)
 

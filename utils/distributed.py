@@ -9,7 +9,8 @@ Contract (W processes, world_size = W; W = 1 is the plain single-process run)
   drawn row is processed by exactly one rank. A rank whose share is empty still takes the step
   (zero-row per-sample gradients) and joins the all-reduce: skipping would deadlock.
 - Gradients: each rank clips its own rows' per-sample gradients and sums them. Opacus's
-  DistributedDPOptimizer adds N(0, (sigma C)^2) on rank 0 only, divides by expected_batch_size =
+  DistributedDPOptimizer (privacy.make_dp_optimizer with world_size) adds N(0, (sigma C)^2) on rank 0
+  only, divides by expected_batch_size =
   logical_batch_size / W, all-reduces (sum) and divides by W, so every rank ends with
   (sum of all clipped gradients + one noise draw) / logical_batch_size: the single-process update.
 - Parameters: the trainable (LoRA) parameters are broadcast from rank 0 once, by Opacus's
@@ -25,8 +26,6 @@ import json
 import os
 
 import torch
-
-from utils import privacy
 
 # What the privacy report says about the split (W is recorded next to it as world_size).
 DRAW_SPLIT = ("one global Poisson draw per step, identical on every rank (rank 0's under --secure_mode); "
@@ -102,32 +101,6 @@ def broadcast_trainable_parameters(params) -> None:
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 
     DifferentiallyPrivateDistributedDataParallel(torch.nn.ParameterList(params))
-
-
-def make_dp_optimizer(optimizer, noise_multiplier: float, max_grad_norm: float, logical_batch_size: int,
-                      world_size: int, generator=None, secure_mode=False):
-    """Opacus's DistributedDPOptimizer scaled so the all-reduced gradient is divided by the logical batch once.
-
-    Per rank it computes (local clipped sum [+ noise on rank 0]) / expected_batch_size, then sums over
-    ranks and divides by W; expected_batch_size = logical_batch_size / W makes the total
-    (clipped sum + noise) / logical_batch_size, noise std sigma * C / logical_batch_size.
-    """
-    from opacus.optimizers import DistributedDPOptimizer
-
-    optimizer_class = DistributedDPOptimizer
-    if secure_mode:  # rank 0's super().add_noise() is then privacy's OS-CSPRNG noise (method resolution order)
-        if generator is not None:
-            raise ValueError("secure_mode draws its noise from the OS CSPRNG; a seeded generator would make it predictable")
-        optimizer_class = type("SecureNoiseDistributedDPOptimizer", (DistributedDPOptimizer, privacy._secure_dp_optimizer_class()), {})
-    return optimizer_class(
-        optimizer,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
-        expected_batch_size=logical_batch_size / world_size,
-        loss_reduction="mean",
-        generator=generator,
-        secure_mode=secure_mode,
-    )
 
 
 def sum_gradients(params) -> None:

@@ -170,23 +170,31 @@ def _secure_dp_optimizer_class():
     return SecureNoiseDPOptimizer
 
 
-def make_dp_optimizer(optimizer, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, generator=None, secure_mode=False):
+def make_dp_optimizer(optimizer, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, generator=None,
+                      secure_mode=False, world_size: int = 1):
     """Opacus's DP optimizer over the LoRA-only optimizer.
 
     loss_reduction="mean" makes it divide the noisy clipped sum by the expected batch size (not the
     realised one, which would depend on the private draw). The noise has the parameters' dtype (fp32:
     build_model keeps LoRA weights in fp32 over any base). secure_mode: noise from secure_gaussian;
     a seeded `generator` is then refused.
+    With world_size W > 1 it is Opacus's DistributedDPOptimizer: per rank (local clipped sum [+ noise on
+    rank 0 only]) / expected, summed over ranks and divided by W; expected = expected_batch_size / W
+    makes the total (clipped sum + one noise draw) / expected_batch_size, noise std sigma C / expected_batch_size.
     """
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
     if secure_mode and generator is not None:
         raise ValueError("secure_mode draws its noise from the OS CSPRNG; a seeded generator would make it predictable")
-    return (_secure_dp_optimizer_class() if secure_mode else DPOptimizer)(
+    optimizer_class = _secure_dp_optimizer_class() if secure_mode else DPOptimizer
+    if world_size > 1:  # rank 0's super().add_noise() is then optimizer_class's (method resolution order)
+        optimizer_class = (type("SecureNoiseDistributedDPOptimizer", (DistributedDPOptimizer, optimizer_class), {})
+                           if secure_mode else DistributedDPOptimizer)
+    return optimizer_class(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
+        expected_batch_size=expected_batch_size / world_size if world_size > 1 else expected_batch_size,
         loss_reduction="mean",
         generator=generator,
         secure_mode=secure_mode,
