@@ -254,20 +254,19 @@ def exposure(secret_loss: float, alternative_losses) -> float:
 
 def score_canaries(run_dir: Path, train_args, canaries: list[dict], a: AuditArguments, instruction: str) -> dict:
     """Fine-tuned and base losses of every canary's secret, and the fine-tuned losses of the alternatives."""
-    from evaluate_qa import answer_nll  # mean answer-token NLL (utils.loss.per_example_loss), batched
     from utils.generation import load_for_inference
 
     model, tokenizer, _ = load_for_inference(str(run_dir), train_args.model.model, load_in_4bit=train_args.model.load_in_4bit)
     cards = [c["rows"][0] for c in canaries]
-    finetuned = answer_nll(model, tokenizer, cards, a.score_batch_size)
+    finetuned = training.cards_answer_nll(model, tokenizer, cards, a.score_batch_size)
     with model.disable_adapter():
-        base = answer_nll(model, tokenizer, cards, a.score_batch_size)
+        base = training.cards_answer_nll(model, tokenizer, cards, a.score_batch_size)
     rng = random.Random(f"alternatives:{a.seed}")
     alternatives = [random_secret(rng, a.secret_length) for _ in range(a.exposure_alternatives)]
     alternative_losses = []
     for canary in canaries:
         alt_cards = [card_of(canary, instruction, secret=s) for s in alternatives if s != canary["secret"]]
-        alternative_losses.append(answer_nll(model, tokenizer, alt_cards, a.score_batch_size))
+        alternative_losses.append(training.cards_answer_nll(model, tokenizer, alt_cards, a.score_batch_size))
     return {"finetuned": finetuned, "base": base, "alternatives": alternative_losses}
 
 

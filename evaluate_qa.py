@@ -50,10 +50,9 @@ from pathlib import Path
 
 import torch
 
-from utils import cli, tracking
+from utils import cli, tracking, training
 from utils.data import BUNDLED_DATASET, DataError, clean_rows, collate, fingerprint, load_split, read_rows, row_hash
 from utils.generation import AdapterError, GenerationSettings, find_run_files, generate_answers, load_for_inference, settings_problems
-from utils.loss import per_example_loss
 from utils.model_loading import ModelLoadError
 from utils.prompt import encode_example
 
@@ -212,28 +211,13 @@ def load_metric():
     return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
 
 
-@torch.no_grad()
-def answer_nll(model, tokenizer, cards: list[dict], batch_size: int = 8, progress: bool = False) -> list[float]:
-    """Per card: mean NLL of its reference answer tokens (EOS included) after the training prompt."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    examples = [encode_example(tokenizer, c["input"], c["output"], c["instruction"]) for c in cards]
-    values = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="answer NLL", unit="batch", disable=not progress):
-        # collate pads on the right whatever the (left-padding) inference tokenizer says
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], tokenizer.pad_token_id).items()}
-        values.extend(per_example_loss(model, batch).float().cpu().tolist())
-    return values
-
-
 def score_model(model, tokenizer, cards: list[dict], settings: GenerationSettings, batch_size: int = 8,
                 metric=None, progress: bool = False) -> tuple[dict, list[dict]]:
     """(summary metrics, per-card rows) of one model on `cards`."""
     metric = metric or load_metric()
     predictions = generate_answers(model, tokenizer, [c["input"] for c in cards], settings, batch_size=batch_size,
                                    instructions=[c["instruction"] for c in cards], progress=progress)
-    nll = answer_nll(model, tokenizer, cards, batch_size, progress)
+    nll = training.cards_answer_nll(model, tokenizer, cards, batch_size, progress)
     scores = metric.compute(predictions=predictions, references=[c["output"] for c in cards], per_example=True)
     summary = {name: scores[name] for name in ("exact_match", "f1", "rougeL")}
     summary["nll"] = sum(nll) / len(nll)

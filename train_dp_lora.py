@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 
 from utils import checkpoint as ckpt
-from utils import cli, distributed, privacy, tracking
+from utils import cli, distributed, privacy, tracking, training
+from utils.training import LoraArguments, backward_examples, make_schedule
 from utils.data import BUNDLED_DATASET, HUB_DATASET, DataError, is_local_source, clean_rows, collate, read_rows, split_record, split_rows, tokenize_cards
-from utils.loss import per_example_loss
-from utils.model_loading import DEFAULT_MODEL, ModelLoadError, default_compute_dtype, load_base_model, load_tokenizer
+from utils.model_loading import DEFAULT_MODEL, ModelLoadError, load_tokenizer
 
 # Every metric sent to the tracker, and what it is computed from. Epsilon covers none of the
 # data-dependent ones (they are outside the released adapters); N, and so q and the default delta,
@@ -57,25 +57,11 @@ LOGGED_METRICS = {
     "eval/loss": "private: mean loss on the validation rows, which no DP guarantee covers",
 }
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 @dataclass
 class ModelArguments:
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id, local dir, kaggle:<handle>, a .gguf file, or 'gemma3-270m' (embedded, offline)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 + double quantization base (bitsandbytes)"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype; auto = float32 on CPU, bfloat16 on GPU", "choices": list(DTYPES)})
-
-
-@dataclass
-class LoraArguments:
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "module names that get adapters"},
-    )
+    dtype: str = field(default="auto", metadata={"help": "compute dtype; auto = float32 on CPU, bfloat16 on GPU", "choices": list(training.DTYPES)})
 
 
 @dataclass
@@ -93,7 +79,7 @@ class PrivacyArguments:
     delta: float | None = field(default=None, metadata={"help": "target delta; default min(1e-5, 1/(10N)); must be < 1/N"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "per-example clipping norm C"})
     accountant: str = field(default="prv", metadata={"help": "privacy accountant", "choices": list(privacy.ACCOUNTANTS)})
-    grad_sample_mode: str = field(default="ew", metadata={"help": "per-sample gradients (all exact: tests/test_loss.py). DP step time / non-private step, bench/bench_step.py on CPU, 4-layer h256 VaultGemma, T=128, B=8: vocab 2000 (per-sample cost alone) ew 1.05x, hooks 1.15x, functorch 1.27x; real 256k vocab ew 1.00x. Gemma 3 270M, T=128, B=4: ew 1.02x, hooks 1.06x", "choices": list(privacy.GRAD_SAMPLE_MODES)})
+    grad_sample_mode: str = field(default=privacy.DEFAULT_GRAD_SAMPLE_MODE, metadata={"help": "how per-sample gradients are computed (all exact; speed: README, Benchmarks)", "choices": list(privacy.GRAD_SAMPLE_MODES)})
     secure_mode: bool = field(default=False, metadata={"help": "cryptographically random sampling and noise (slower, not reproducible)"})
     disable_dp: bool = field(default=False, metadata={"help": "non-private baseline: same sampling and loss, no clipping or noise"})
 
@@ -187,64 +173,16 @@ def prepare_data(args, tokenizer):
 
 
 def build_model(args, tokenizer, device, mixed_precision="no"):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    m, lora = args.model, args.lora
-    # --dtype auto: the base in Accelerate's mixed precision (bf16 from accelerate_config.yaml), else the device default
-    dtype = DTYPES[m.dtype] or distributed.MIXED_PRECISION_DTYPES.get(mixed_precision) or default_compute_dtype(device)
-    model = load_base_model(m.model, load_in_4bit=m.load_in_4bit, dtype=dtype, device=device)
-    if m.load_in_4bit:
-        # norms to fp32, no gradient checkpointing: Opacus's hooks need each layer's activations
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        raise ModelLoadError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.get_input_embeddings().weight.shape[0]}")
-    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                        target_modules=lora.lora_target_modules, task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    for p in model.parameters():  # LoRA weights in fp32 even over a bf16 base: clipping and noise happen there
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model.to(device)
+    """The LoRA model the arguments describe (utils/training.py)."""
+    dtype = training.compute_dtype(args.model.dtype, mixed_precision, device)
+    return training.build_lora_model(args.model.model, args.lora, tokenizer, device, dtype=dtype, load_in_4bit=args.model.load_in_4bit)
 
 
-def backward_examples(model, batch, params, dp: bool, logical_batch_size: int) -> tuple[torch.Tensor, int]:
-    """Forward and backward one physical batch; returns (per-example losses, how many were NaN/inf).
-
-    DP backpropagates the plain sum, so each per-sample gradient is that example's own (the DP
-    optimizer clips, adds noise and divides by the expected batch); without DP the sum is divided by
-    the logical batch here. A NaN/inf example is left out of the sum and its per-sample gradient
-    zeroed, whatever backward made of it.
-    """
-    example_losses = per_example_loss(model, batch)
-    finite = torch.isfinite(example_losses)
-    if dp or finite.all():
-        kept_sum = example_losses[finite].sum()
-    else:  # 0 * NaN in the backward would still reach the summed gradient: redo the batch without those rows
-        kept_sum = per_example_loss(model, {k: v[finite] for k, v in batch.items()}).sum() if finite.any() else None
-    if kept_sum is not None:
-        (kept_sum if dp else kept_sum / logical_batch_size).backward()
-    nonfinite = privacy.zero_nonfinite_grad_samples(params, ~finite) if dp else int((~finite).sum())
-    return example_losses.detach().float(), nonfinite
-
-
-@torch.no_grad()
 def evaluate_loss(model, examples, batch_size, pad_id, device, rank=0, world_size=1) -> float:
     """Mean per-example answer loss over held-out examples (with several processes each evaluates a share)."""
-    model.eval()
-    losses = []
-    examples = distributed.shard(examples, rank, world_size)
-    for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-        losses.append(per_example_loss(model, batch).float().cpu())
-    model.train()
-    mean = torch.cat(losses).mean().item() if losses else float("nan")
-    return mean if world_size == 1 else distributed.mean_across_ranks(mean, len(examples), device)
-
-
-def make_schedule(optimizer, total_steps, warmup_ratio):
-    from transformers import get_cosine_schedule_with_warmup
-
-    return get_cosine_schedule_with_warmup(optimizer, int(round(warmup_ratio * total_steps)), total_steps)
+    losses = training.answer_nll(model, distributed.shard(examples, rank, world_size), batch_size, pad_id)
+    mean = sum(losses) / len(losses) if losses else float("nan")
+    return mean if world_size == 1 else distributed.mean_across_ranks(mean, len(losses), device)
 
 
 def privacy_state(plan, accountant, steps_taken) -> dict:

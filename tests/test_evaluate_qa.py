@@ -16,7 +16,7 @@ from rouge_score import rouge_scorer
 import evaluate_qa
 import train_dp_lora
 from conftest import build_tiny_vaultgemma, bundled_cards, write_cards
-from utils import metrics
+from utils import metrics, training
 from utils.data import clean_rows, row_hash
 from utils.generation import GenerationSettings, load_for_inference
 from utils.loss import per_example_loss_from_logits
@@ -90,8 +90,8 @@ def test_answer_nll_is_the_same_in_any_batch_and_equals_the_full_logits_referenc
     model, tokenizer, _ = load_for_inference(None, tiny_model_dir, device="cpu")
     assert tokenizer.padding_side == "left"  # the inference tokenizer; answer_nll must still pad right
     cards, _ = clean_rows(bundled_cards()[:5])
-    batched = evaluate_qa.answer_nll(model, tokenizer, cards, batch_size=5)
-    one_by_one = evaluate_qa.answer_nll(model, tokenizer, cards, batch_size=1)
+    batched = training.cards_answer_nll(model, tokenizer, cards, batch_size=5)
+    one_by_one = training.cards_answer_nll(model, tokenizer, cards, batch_size=1)
     assert batched == pytest.approx(one_by_one, abs=1e-5)
     for card, value in zip(cards, one_by_one):
         example = encode_example(tokenizer, card["input"], card["output"], card["instruction"])

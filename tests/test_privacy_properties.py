@@ -17,7 +17,7 @@ import torch
 
 import train_dp_lora
 from conftest import bundled_cards, write_cards
-from utils import privacy
+from utils import privacy, training
 from utils.data import collate
 from utils.loss import per_example_loss
 from utils.prompt import encode_example
@@ -319,7 +319,7 @@ def instrumented_run(tiny_model_dir, tmp_path_factory):
     cards_file = write_cards(root / "cards.jsonl", bundled_cards()[:60])
     out = root / "out"
     logged, loss_calls = [], []
-    real_log, real_draw, real_loss = accelerate.Accelerator.log, privacy.PoissonSampler.draw, train_dp_lora.per_example_loss
+    real_log, real_draw, real_loss = accelerate.Accelerator.log, privacy.PoissonSampler.draw, training.per_example_loss
 
     def record_log(self, values, step=None, log_kwargs=None):
         logged.append((step, dict(values)))
@@ -339,7 +339,7 @@ def instrumented_run(tiny_model_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(accelerate.Accelerator, "log", record_log)
         patch.setattr(privacy.PoissonSampler, "draw", draw)
-        patch.setattr(train_dp_lora, "per_example_loss", loss_with_one_nan)
+        patch.setattr(training, "per_example_loss", loss_with_one_nan)
         args = train_dp_lora.parse_args([
             "--model", tiny_model_dir, "--dataset", cards_file, "--output_dir", str(out), "--max_steps", str(STEPS),
             "--logical_batch_size", str(LOGICAL), "--per_device_train_batch_size", str(PHYSICAL), "--eval_steps", "2",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_dp_lora
-from utils import privacy
+from utils import privacy, training
 
 FAST = ["--dataset", "bundled", "--logical_batch_size", "16", "--per_device_train_batch_size", "8",
         "--eval_steps", "0", "--report_to", "none", "--epsilon", "3"]
@@ -269,18 +269,18 @@ def test_non_private_backward_leaves_out_and_counts_a_nan_example(tiny_model_dir
     poisoned = encode_example(tiny_tokenizer, "What is insulin?", "A hormone.")
     healthy = encode_example(tiny_tokenizer, "What is renin?", "An enzyme made by the kidney.")
     assert len(poisoned["input_ids"]) != len(healthy["input_ids"])
-    real = train_dp_lora.per_example_loss
+    real = training.per_example_loss
 
     def nan_for_poisoned_rows(m, b):  # a NaN made inside the graph, as a real overflow would be
         rows_poisoned = b["attention_mask"].sum(1) == len(poisoned["input_ids"])
         return real(m, b) * torch.where(rows_poisoned, float("nan"), 1.0)
 
-    monkeypatch.setattr(train_dp_lora, "per_example_loss", nan_for_poisoned_rows)
-    losses, nonfinite = train_dp_lora.backward_examples(model, collate([poisoned, healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2)
+    monkeypatch.setattr(training, "per_example_loss", nan_for_poisoned_rows)
+    losses, nonfinite = training.backward_examples(model, collate([poisoned, healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2)
     assert nonfinite == 1 and torch.isnan(losses[0]) and torch.isfinite(losses[1])
     with_nan = [p.grad.clone() for p in params]
     assert all(torch.isfinite(g).all() for g in with_nan)
     for p in params:  # the gradient is exactly that of the healthy example alone, over the logical batch
         p.grad = None
-    train_dp_lora.backward_examples(model, collate([healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2)
+    training.backward_examples(model, collate([healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2)
     assert all(torch.allclose(a, p.grad, atol=1e-7) for a, p in zip(with_nan, params))

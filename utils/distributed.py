@@ -32,9 +32,6 @@ DRAW_SPLIT = ("one global Poisson draw per step, identical on every rank (rank 0
               "rows sorted by length, rank r processes ordered[r::world_size]; noise added once, on rank 0; "
               "clipped sums all-reduced, divided by the expected logical batch")
 
-MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def launched_world_size() -> int:
     """Processes the launcher started (WORLD_SIZE, set by accelerate launch / torchrun); 1 without one."""
     return int(os.environ.get("WORLD_SIZE", "1"))

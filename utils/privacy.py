@@ -205,6 +205,7 @@ def make_dp_optimizer(optimizer, noise_multiplier: float, max_grad_norm: float, 
 # per-example gradients (tests/test_loss.py). Opacus's "ghost" clipping needs its own double-backward
 # loss and was 1.67x a non-private step in an earlier measurement, so it is not offered.
 GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")
+DEFAULT_GRAD_SAMPLE_MODE = "ew"  # the fastest on every measured shape: README, "Benchmarks"
 
 
 def attach_per_sample_hooks(model, grad_sample_mode: str = "hooks"):

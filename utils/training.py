@@ -1,0 +1,113 @@
+"""What the training script, the benchmarks, the audit and the tests share: the LoRA model, one
+physical batch's forward and backward, the held-out answer NLL, and the learning-rate schedule.
+
+Heavy libraries (peft, transformers) are imported inside the functions that need them.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from utils import privacy
+from utils.data import collate
+from utils.loss import per_example_loss
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS),
+                                           metadata={"help": "module names that get adapters"})
+
+
+def compute_dtype(dtype: str, mixed_precision: str, device) -> torch.dtype:
+    """--dtype, else Accelerate's mixed precision (bf16 from accelerate_config.yaml), else the device default."""
+    from utils.model_loading import default_compute_dtype
+
+    return DTYPES[dtype] or MIXED_PRECISION_DTYPES.get(mixed_precision) or default_compute_dtype(device)
+
+
+def build_lora_model(model_name: str, lora: LoraArguments, tokenizer, device, *, dtype: torch.dtype,
+                     load_in_4bit: bool = False):
+    """The frozen base with LoRA adapters on `lora.lora_target_modules`; adapter weights in fp32."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from utils.model_loading import ModelLoadError, load_base_model
+
+    model = load_base_model(model_name, load_in_4bit=load_in_4bit, dtype=dtype, device=device)
+    if load_in_4bit:
+        # norms to fp32, no gradient checkpointing: the per-sample hooks need each layer's activations
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    n_embeddings = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_embeddings:
+        raise ModelLoadError(f"tokenizer has {len(tokenizer)} tokens but the model only {n_embeddings}")
+    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=lora.lora_target_modules, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    for p in model.parameters():  # fp32 even over a bf16 base: clipping and noise happen here
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model.to(device)
+
+
+def backward_examples(model, batch, params, dp: bool, logical_batch_size: int) -> tuple[torch.Tensor, int]:
+    """Forward and backward one physical batch; returns (per-example losses, how many were NaN/inf).
+
+    DP backpropagates the plain sum, so each per-sample gradient is that example's own (the DP
+    optimizer clips, adds noise and divides by the expected batch); without DP the sum is divided by
+    the logical batch here. A NaN/inf example is left out of the sum and its per-sample gradient
+    zeroed, whatever backward made of it.
+    """
+    example_losses = per_example_loss(model, batch)
+    finite = torch.isfinite(example_losses)
+    if dp or finite.all():
+        kept_sum = example_losses[finite].sum()
+    elif finite.any():  # 0 * NaN in the backward would still reach the summed gradient: redo without those rows
+        kept_sum = per_example_loss(model, {k: v[finite] for k, v in batch.items()}).sum()
+    else:
+        kept_sum = None
+    if kept_sum is not None:
+        (kept_sum if dp else kept_sum / logical_batch_size).backward()
+    nonfinite = privacy.zero_nonfinite_grad_samples(params, ~finite) if dp else int((~finite).sum())
+    return example_losses.detach().float(), nonfinite
+
+
+@torch.no_grad()
+def answer_nll(model, examples: list[dict], batch_size: int, pad_token_id: int, progress: bool = False) -> list[float]:
+    """Per example: the mean NLL of its answer tokens (EOS included) under teacher forcing.
+
+    The quantity training minimises and logs as eval/loss, and evaluate_qa.py reports as NLL.
+    Batches are right-padded whatever the tokenizer's padding side; the model is left in eval mode
+    only for the duration of the call.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    values = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="answer NLL", unit="batch", disable=not progress):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
+        values.extend(per_example_loss(model, batch).float().cpu().tolist())
+    model.train(was_training)
+    return values
+
+
+def cards_answer_nll(model, tokenizer, cards: list[dict], batch_size: int = 8, progress: bool = False) -> list[float]:
+    """answer_nll of flashcards {instruction, input, output} under the training prompt."""
+    from utils.prompt import encode_example
+
+    examples = [encode_example(tokenizer, c["input"], c["output"], c["instruction"]) for c in cards]
+    return answer_nll(model, examples, batch_size, tokenizer.pad_token_id, progress)
+
+
+def make_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, int(round(warmup_ratio * total_steps)), total_steps)
