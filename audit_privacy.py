@@ -5,10 +5,11 @@ What it does
   none equal to a real row. Each is inserted into the training data independently with probability 1/2.
 - With --canary_repeats R >= 2, also inserts --num_repeated_canaries more canaries R times each
   (the copies differ only by a note in the question, since exact duplicates are dropped).
-- Writes real rows + inserted canaries to OUT/audit_data.jsonl and trains on it by calling
-  train_dp_lora.main in-process (run in OUT/train) with the training arguments given after `--`;
-  --validation_fraction and --test_fraction are forced to 0 so every inserted canary is a training
-  row, and --max_train_samples K keeps the first K real rows. The split is checked afterwards.
+- Writes real rows + inserted canaries to OUT/audit_data.jsonl and trains on it by running
+  train_dp_lora.py in its own process (run in OUT/train) with the training arguments given after `--`;
+  --validation_fraction and --test_fraction are forced to 0 and --train_sample_fraction to 1 so every
+  inserted canary is a training row (checked afterwards from the run's row count), and
+  --num_real_rows K keeps the first K real rows.
 - Scores every canary: its answer loss under the fine-tuned model minus under the base model
   (utils.loss.per_example_loss); the lower, the more likely it was trained on.
 - Lower bound (Steinke, Nasr, Jagielski, "Privacy auditing with one training run", NeurIPS 2023):
@@ -66,16 +67,20 @@ from pathlib import Path
 
 import numpy as np
 
-import train_dp_lora
-from utils import checkpoint as ckpt
-from utils import cli
-from utils.data import DataError, clean_rows, read_rows, row_hash
-from utils.model_loading import ModelLoadError
+from utils import cli, train_args, training
+from utils.privacy_record import format_delta, format_epsilon
+from utils.run_dir import RunDir, read_json, write_json_atomic
+from utils.data import clean_rows, read_rows, row_hash
 from utils.prompt import DEFAULT_INSTRUCTION, encode_example
 
 QUESTION = "What is the access code of record {record}?"
 ID_ALPHABET = string.ascii_uppercase + string.digits
 FPR_LEVELS = (0.01, 0.1)
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_dp_lora.py"
+
+
+class AuditError(cli.UserError):
+    """A one-line reason the audit could not run."""
 
 
 @dataclass
@@ -90,6 +95,7 @@ class AuditArguments:
     guess_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0], metadata={"help": "guess on this share of the m canaries (half in, half out); Bonferroni over them"})
     seed: int = field(default=0, metadata={"help": "seeds the canaries, their inclusion and the alternatives"})
     score_batch_size: int = field(default=64, metadata={"help": "rows per forward pass when scoring"})
+    num_real_rows: int = field(default=0, metadata={"help": "use only the first K cleaned rows of the training --dataset (0 = all)"})
 
 
 GROUPS = {"audit": AuditArguments}
@@ -101,7 +107,8 @@ def parse_args(argv=None):
     split = argv.index("--") if "--" in argv else len(argv)
     parser = cli.build_parser(__doc__.split("\n\n")[0] + " Training flags follow `--`.", GROUPS, config_flag=False)
     args = cli.parse_into(parser, GROUPS, argv[:split])
-    args.train = train_dp_lora.parse_args(argv[split + 1:])
+    args.train_argv = argv[split + 1:]
+    args.train = train_args.parse_args(args.train_argv)
     return args
 
 
@@ -128,7 +135,7 @@ def validate_args(args) -> None:
         problems.append("--score_batch_size must be >= 1")
     if problems:
         raise cli.ArgumentErrors(problems)
-    train_dp_lora.validate_args(args.train)
+    train_args.validate_args(args.train)
 
 
 # -----------------------------------------------------------------------------
@@ -252,11 +259,11 @@ def exposure(secret_loss: float, alternative_losses) -> float:
 # scoring
 
 
-def score_canaries(run_dir: Path, train_args, canaries: list[dict], a: AuditArguments, instruction: str) -> dict:
+def score_canaries(run_dir: Path, train, canaries: list[dict], a: AuditArguments, instruction: str) -> dict:
     """Fine-tuned and base losses of every canary's secret, and the fine-tuned losses of the alternatives."""
-    from utils.generation import load_for_inference
+    from utils.run_loading import load_for_inference
 
-    model, tokenizer, _ = load_for_inference(str(run_dir), train_args.model.model, load_in_4bit=train_args.model.load_in_4bit)
+    model, tokenizer, _ = load_for_inference(str(run_dir), train.model.model, load_in_4bit=train.model.load_in_4bit)
     cards = [c["rows"][0] for c in canaries]
     finetuned = training.cards_answer_nll(model, tokenizer, cards, a.score_batch_size)
     with model.disable_adapter():
@@ -273,12 +280,12 @@ def score_canaries(run_dir: Path, train_args, canaries: list[dict], a: AuditArgu
 # -----------------------------------------------------------------------------
 
 
-def check_canary_lengths(canaries: list[dict], train_args) -> None:
+def check_canary_lengths(canaries: list[dict], train) -> None:
     """A canary longer than --max_seq_length would be skipped by training, silently breaking the coin flips."""
     from utils.model_loading import load_tokenizer
 
-    tokenizer = load_tokenizer(train_args.model.model)
-    limit = train_args.data.max_seq_length
+    tokenizer = load_tokenizer(train.model.model)
+    limit = train.data.max_seq_length
     longest = max(len(encode_example(tokenizer, r["input"], r["output"], r["instruction"])["input_ids"]) for c in canaries for r in c["rows"])
     if longest > limit:
         raise cli.ArgumentErrors([f"canaries are up to {longest} tokens but --max_seq_length is {limit}; raise it or lower --secret_length"])
@@ -295,8 +302,8 @@ def main(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     cards, _ = clean_rows(read_rows(t.data.dataset))
-    if t.data.max_train_samples > 0:
-        cards = cards[: t.data.max_train_samples]
+    if a.num_real_rows > 0:
+        cards = cards[: a.num_real_rows]
     instruction = cards[0]["instruction"] if cards else DEFAULT_INSTRUCTION
     canaries = make_canaries(a, instruction, {row_hash(c) for c in cards}, {c["input"] for c in cards})
     check_canary_lengths(canaries, t)
@@ -305,30 +312,29 @@ def main(args) -> dict:
     data_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     write_canaries(out / "canaries.jsonl", canaries)
 
-    forced = {"dataset": str(data_path), "validation_fraction": 0.0, "test_fraction": 0.0, "max_train_samples": 0}
-    train_args = copy.copy(t)
-    train_args.data = dataclasses.replace(t.data, **forced)
-    train_args.training = dataclasses.replace(t.training, output_dir=str(out / "train"))
+    run_dir = out / "train"
+    forced = {"dataset": str(data_path), "validation_fraction": "0", "test_fraction": "0", "train_sample_fraction": "1",
+              "output_dir": str(run_dir), "overwrite_output_dir": "true"}
     print(f"Audit: {a.num_canaries} canaries ({sum(c['included'] for c in canaries if c['kind'] == 'audit')} inserted)"
           + (f" + {a.num_repeated_canaries} repeated x{a.canary_repeats}" if a.canary_repeats else "")
-          + f", {len(cards)} real rows -> {data_path}; training in {out / 'train'}")
-    train_dp_lora.main(train_args)
-    run_dir = out / "train"
-    report = ckpt.read_json(run_dir / "privacy_report.json")
+          + f", {len(cards)} real rows -> {data_path}; training in {run_dir}", flush=True)
+    train_in_subprocess(args.train_argv + [x for key, value in forced.items() for x in (f"--{key}", value)])
+    run = RunDir(run_dir)
+    report = read_json(run.public_report)
+    trained = read_json(run.data_summary_file)
+    # every row is a training row (no held-out split), so the inclusion the bound assumes is the one that happened
+    if trained["n_train"] != len(rows):
+        raise AuditError(f"training kept {trained['n_train']} of the {len(rows)} audit rows; every inserted canary must be trained on")
+    train = train_args.parse_args(args.train_argv)
 
-    trained = set(ckpt.read_json(run_dir / "split.json")["splits"]["train"]["hashes"])
-    for canary in canaries:  # the inclusion the bound assumes is the one that happened
-        present = [row_hash(row) in trained for row in canary["rows"]]
-        if any(present) != canary["included"] or (canary["included"] and not all(present)):
-            raise RuntimeError(f"canary {canary['index']} was {'not ' if canary['included'] else ''}meant to be trained on, but the split says otherwise")
-
-    scored = score_canaries(run_dir, train_args, canaries, a, instruction)
+    scored = score_canaries(run_dir, train, canaries, a, instruction)
     for canary, ft, base, alts in zip(canaries, scored["finetuned"], scored["base"], scored["alternatives"]):
         canary.update(loss_finetuned=ft, loss_base=base, score=ft - base, exposure=exposure(ft, alts))
     audit = [c for c in canaries if c["kind"] == "audit"]
     scores, included = [c["score"] for c in audit], [c["included"] for c in audit]
-    bound = one_run_bound(scores, included, report["delta"], a.confidence, a.guess_fractions)
+    bound = one_run_bound(scores, included, delta, a.confidence, a.guess_fractions)
     reported = report["epsilon"] if report["dp_enabled"] else None
+    delta = report["delta"] if report["dp_enabled"] else train.privacy.delta or 1e-5  # the bound needs some delta
 
     def mean_exposure(group):
         return float(np.mean([c["exposure"] for c in group])) if group else None
@@ -336,7 +342,8 @@ def main(args) -> dict:
     result = {
         "epsilon_lower_bound": bound["epsilon_lower_bound"],
         "reported_epsilon": reported,
-        "delta": report["delta"],
+        "delta": delta,
+        "threat_model": report.get("threat_model"),
         "dp_enabled": report["dp_enabled"],
         "lower_bound_exceeds_reported": reported is not None and bound["epsilon_lower_bound"] > reported,
         "confidence": a.confidence,
@@ -352,10 +359,10 @@ def main(args) -> dict:
         },
         "canaries": {"audit": len(audit), "inserted": int(sum(included)), "repeated": sum(c["kind"] == "repeated" for c in canaries),
                      "canary_repeats": a.canary_repeats, "secret_length": a.secret_length},
-        "training": {"run_dir": str(run_dir), "n_train": report["n_train"], "steps": report["steps"],
+        "training": {"run_dir": str(run_dir), "n_train": report["n_train"], "steps": report["steps_taken"],
                      "noise_multiplier": report["noise_multiplier"], "sample_rate": report["sample_rate"], "forced_arguments": forced},
     }
-    ckpt.write_json(out / "audit_report.json", result)
+    write_json_atomic(out / "audit_report.json", result)
     write_canaries(out / "canaries.jsonl", canaries)
     print(summary_text(result))
     return result
@@ -363,10 +370,11 @@ def main(args) -> dict:
 
 def summary_text(result: dict) -> str:
     attack, bound, exp = result["attack"], result["one_run_audit"], result["exposure"]
-    reported = f"{result['reported_epsilon']:.3f}" if result["reported_epsilon"] is not None else "none (--disable_dp)"
+    reported = (f"<= {format_epsilon(result['reported_epsilon'])} ({result['threat_model']})"
+                if result["reported_epsilon"] is not None else "none (--disable_dp)")
     lines = [
         "***** Privacy audit (one run, Steinke et al. 2023) *****",
-        f"  epsilon lower bound = {result['epsilon_lower_bound']:.3f} at {100 * result['confidence']:g}% confidence, delta = {result['delta']:.3g}"
+        f"  epsilon lower bound = {result['epsilon_lower_bound']:.3f} at {100 * result['confidence']:g}% confidence, delta = {format_delta(result['delta'])}"
         f" ({bound['best']['correct']}/{bound['best']['guesses']} guesses correct, m = {bound['m']})",
         f"  reported epsilon    = {reported}",
         f"  attack AUC = {attack['auc']:.3f}; TPR at 1% FPR = {attack['tpr_at_fpr_0.01']:.3f}; TPR at 10% FPR = {attack['tpr_at_fpr_0.1']:.3f}",
@@ -381,8 +389,19 @@ def summary_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def train_in_subprocess(argv: list[str]) -> None:
+    """Run train_dp_lora.py in its own process (the command line wins over any --config)."""
+    import subprocess
+
+    completed = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *argv], stderr=subprocess.PIPE, text=True)
+    if completed.returncode != 0:
+        lines = [line for line in completed.stderr.splitlines() if line.strip()]
+        first_error = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "no output")
+        raise AuditError(f"training failed (exit {completed.returncode}): {first_error}")
+
+
 def cli_main(argv=None) -> int:
-    return cli.run_main(main, parse_args, argv, (cli.ArgumentErrors, DataError, ModelLoadError, FileNotFoundError))
+    return cli.run_main(main, parse_args, argv)
 
 
 if __name__ == "__main__":

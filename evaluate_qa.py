@@ -11,8 +11,8 @@ Contract
   no switch to turn this off: a score on rows a model was trained on measures memorisation, and it
   would print next to an epsilon as if it were held-out quality.
 - Models: each --adapters (OUT/adapter, OUT, or OUT/checkpoints/step_N) is loaded exactly as
-  infer.py loads it (utils.generation.load_for_inference) and answers with the training prompt,
-  greedily, in batches (utils.generation.generate_answers). The base model the runs were trained on
+  infer.py loads it (utils.run_loading.load_for_inference) and answers with the training prompt,
+  greedily, in batches (utils.decoding.generate_answers). The base model the runs were trained on
   is scored too (--no_base skips it; all runs must share one base model).
 - Metrics per model (fractions in [0, 1], see utils/metrics.py): exact match and token F1 after
   SQuAD normalisation, ROUGE-L F-measure (rouge_score, no stemming), computed through the project's
@@ -51,10 +51,12 @@ from pathlib import Path
 import torch
 
 from utils import cli, tracking, training
-from utils.data import BUNDLED_DATASET, DataError, clean_rows, collate, fingerprint, load_split, read_rows, row_hash
-from utils.generation import AdapterError, GenerationSettings, find_run_files, generate_answers, load_for_inference, settings_problems
-from utils.model_loading import ModelLoadError
-from utils.prompt import encode_example
+from utils.cli import UserError
+from utils.data import BUNDLED_DATASET, SplitSpec, assign_split, clean_rows, read_rows
+from utils.decoding import GenerationSettings, generate_answers, settings_problems
+from utils.privacy_record import format_delta, format_epsilon
+from utils.run_dir import RunDir, RunDirError, find_adapters
+from utils.run_loading import load_for_inference
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "qa_metrics"
 RESULTS_FILE = "eval_results.json"
@@ -64,7 +66,7 @@ BASE_NAME = "base"
 METRIC_NAMES = ("exact_match", "f1", "rougeL", "nll", "perplexity")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """A one-line, user-facing reason the evaluation cannot run (e.g. overlap with training rows)."""
 
 
@@ -121,40 +123,38 @@ def validate_args(args) -> None:
 # runs and data
 
 def describe_run(adapters: str) -> dict:
-    """What evaluation needs to know about one adapter: its files, privacy, split and a display name."""
-    files = find_run_files(adapters)
-    run_dir = files["run_dir"]
-    # a checkpoint (OUT/checkpoints/step_N) keeps its args and privacy report; the split lives in OUT
-    candidates = [run_dir, run_dir.parent.parent] if run_dir is not None and run_dir.parent.name == "checkpoints" else [run_dir]
-    split_path = next((c / "split.json" for c in candidates if c is not None and (c / "split.json").is_file()), None)
-    if split_path is None:
-        raise EvaluationError(f"{files['adapter_dir']}: no split.json in its run directory, so its training rows are unknown; "
-                              "evaluate adapters from a train_dp_lora.py output directory")
+    """What evaluation needs to know about one adapter: its public report, split spec and a display name."""
     try:
-        split = json.loads(split_path.read_text(encoding="utf-8"))
-        train_hashes = set(split["splits"]["train"]["hashes"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise EvaluationError(f"{split_path} is not a split record written by train_dp_lora.py ({type(error).__name__}: {error})") from None
-    report = files["privacy_report"] or {}
-    name = run_dir.name
-    if files["adapter_dir"].parent.parent.name == "checkpoints":  # OUT/checkpoints/step_N/adapter
-        name = f"{files['adapter_dir'].parent.parent.parent.name}@{files['adapter_dir'].parent.name}"
+        found = find_adapters(adapters)
+    except RunDirError as error:
+        raise EvaluationError(str(error)) from None
+    report = found.public_report
+    if not report or not report.get("split"):
+        raise EvaluationError(f"{found.adapter_dir}: no privacy_report.json with a split spec, so its training rows are "
+                              "unknown; evaluate a release bundle written by train_dp_lora.py")
+    spec = SplitSpec.from_json(report["split"])
+    step_dir = found.adapter_dir.parent
+    if found.run_dir is not None:
+        name = found.run_dir.name + (f"@{step_dir.name}" if step_dir != found.run_dir else "")
+    else:
+        name = step_dir.name if found.adapter_dir.name == "adapter" else found.adapter_dir.name
+    args = found.args or {}
     dp = bool(report.get("dp_enabled", False))
     epsilon = report.get("epsilon")
     return {
         "name": name,
-        "adapter_dir": str(files["adapter_dir"]),
-        "run_dir": str(run_dir),
-        "split_path": str(split_path),
-        "base_model": ((files["args"] or {}).get("model") or {}).get("model"),
-        "train_hashes": train_hashes,
-        "dataset": split["dataset"],
+        "adapter_dir": str(found.adapter_dir),
+        "run_dir": str(found.run_dir) if found.run_dir else None,
+        "base_model": (args.get("model") or {}).get("model"),
+        "spec": spec,
+        "dataset": (args.get("data") or {}).get("dataset"),  # from the private record, when it is at hand
         "dp_enabled": dp,
         "epsilon": float(epsilon) if dp and isinstance(epsilon, (int, float)) else (math.inf if not dp else None),
         "target_epsilon": report.get("target_epsilon"),
         "delta": report.get("delta") if dp else None,
         "accountant": report.get("accountant") if dp else None,
-        "steps": report.get("steps"),
+        "secure_mode": bool(report.get("secure_mode")),
+        "steps": report.get("steps_taken"),
         "n_train": report.get("n_train"),
         "selected_on_private_data": bool(report.get("selected_on_private_data")),
     }
@@ -170,33 +170,41 @@ def unique_names(runs: list[dict]) -> None:
 
 
 def load_eval_cards(runs: list[dict], dataset: str | None, split: str | None, max_samples: int) -> tuple[list[dict], dict]:
-    """The evaluation rows and where they came from; refuses any row that a run trained on."""
+    """The evaluation rows and where they came from; refuses any row that a run trained on.
+
+    The held-out split is recomputed from the data and the first run's public split spec: no
+    per-row record of the training data is needed or stored.
+    """
     split = split or ("all" if dataset else "test")
     first = runs[0]
+    source_name = dataset or first["dataset"]
+    if source_name is None:
+        raise EvaluationError(f"{first['adapter_dir']} is a bundle without its private run record: pass --dataset "
+                              "with the data file it was trained on (its held-out rows are recomputed) or with other cards")
+    cards, _ = clean_rows(read_rows(source_name))
     if split == "all":
-        cards, _ = clean_rows(read_rows(dataset))
-        source = {"dataset": dataset, "split": "all rows"}
+        source = {"dataset": source_name, "split": "all rows"}
     else:
-        cards, _ = load_split(first["split_path"], split, dataset)
-        source = {"dataset": dataset or first["dataset"], "split": f"held-out {split} split of {first['name']}"}
+        cards = [card for card in cards if assign_split(card, first["spec"]) == split]
+        source = {"dataset": source_name, "split": f"held-out {split} split of {first['name']}"}
         if not cards:
-            raise EvaluationError(f"the {split} split of {first['run_dir']} is empty (trained with --{split}_fraction 0?); pass --dataset with held-out cards")
+            raise EvaluationError(f"the {split} split of {first['name']} is empty (trained with --{split}_fraction 0?); "
+                                  "pass --dataset with held-out cards")
     check_no_training_rows(cards, runs)
     if max_samples:
         cards = cards[:max_samples]
     if not cards:
         raise EvaluationError(f"{source['dataset']}: no rows to evaluate")
-    return cards, dict(source, n=len(cards), fingerprint=fingerprint(cards), checked_against_training_rows_of=[r["run_dir"] for r in runs])
+    return cards, dict(source, n=len(cards), checked_against_training_rows_of=[r["name"] for r in runs])
 
 
 def check_no_training_rows(cards: list[dict], runs: list[dict]) -> None:
-    """Raise EvaluationError if any card's hash is among the training-row hashes of any run."""
-    hashes = [row_hash(card) for card in cards]
+    """Raise EvaluationError if any card falls in the training split of any run (recomputed from its spec)."""
     overlaps = []
     for run in runs:
-        shared = sum(h in run["train_hashes"] for h in hashes)
+        shared = sum(assign_split(card, run["spec"]) == "train" for card in cards)
         if shared:
-            overlaps.append(f"{shared} of {len(cards)} rows are training rows of {run['name']} ({run['run_dir']})")
+            overlaps.append(f"{shared} of {len(cards)} rows are training rows of {run['name']}")
     if overlaps:
         raise EvaluationError("refusing to evaluate on training data: " + "; ".join(overlaps) + ". Evaluate on held-out rows only")
 
@@ -237,20 +245,22 @@ def _epsilon_text(entry: dict) -> str:
         return "-"
     if not entry["dp_enabled"]:
         return "inf (no DP)"
-    text = f"{entry['epsilon']:.3g}" if entry["epsilon"] is not None else "?"
+    text = "<=" + format_epsilon(entry["epsilon"]) + ("" if entry.get("secure_mode") else " seeded")
     return text + ("*" if entry["selected_on_private_data"] else "")
 
 
 def format_table(entries: list[dict]) -> str:
     header = ["model", "epsilon", "delta", "EM", "F1", "ROUGE-L", "NLL", "perplexity"]
-    lines = [[e["name"], _epsilon_text(e), f"{e['delta']:.3g}" if e.get("delta") else "-",
-              *(f"{e['metrics'][k]:.4f}" for k in ("exact_match", "f1", "rougeL", "nll")), f"{e['metrics']['perplexity']:.4g}"]
+    lines = [[e["name"], _epsilon_text(e), format_delta(e["delta"]) if e.get("delta") else "-",
+              *(f"{e['metrics'][k]:.4f}" for k in ("exact_match", "f1", "rougeL", "nll", "perplexity"))]
              for e in entries]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     render = lambda row: "  ".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))  # noqa: E731
     out = [render(header), "  ".join("-" * w for w in widths), *map(render, lines)]
     if any(e.get("selected_on_private_data") for e in entries):
         out.append("* checkpoint selected on private data: its epsilon does not cover that selection")
+    if any(e["kind"] == "adapter" and e["dp_enabled"] and not e.get("secure_mode") for e in entries):
+        out.append("seeded: the guarantee holds only against someone who does not know the seed")
     return "\n".join(out)
 
 
@@ -301,7 +311,7 @@ def plot_privacy_utility(entries: list[dict], path: str, *, model: str, dataset:
                              label=f"{label}, base model (no fine-tuning)" if axis is left else None)
     left.set_xscale("log")
     left.set_xticks(epsilons)
-    left.set_xticklabels([f"{x:.3g}" for x in epsilons])
+    left.set_xticklabels([format_epsilon(x) for x in epsilons])
     left.minorticks_off()
     left.set_xlim(min(epsilons) / 1.6, max(epsilons) * 1.6)
     left.set_xlabel("privacy budget ε spent (log scale; smaller = more private)")
@@ -325,10 +335,12 @@ def plot_privacy_utility(entries: list[dict], path: str, *, model: str, dataset:
         right.set_visible(False)
     deltas = sorted({e["delta"] for e in private if e.get("delta")})
     accountants = sorted({e["accountant"] for e in private if e.get("accountant")})
-    delta_text = "δ = " + ", ".join(f"{d:.3g}" for d in deltas) if deltas else "δ unknown"
+    delta_text = "δ = " + ", ".join(format_delta(d) for d in deltas) if deltas else "δ unknown"
     fig.suptitle(f"Privacy–utility trade-off: {_label(model)} + LoRA on {_label(dataset)}", fontsize=12)
     left.set_title(f"{split}, N = {n} flashcards; example-level DP, {delta_text}"
-                   + (f" ({', '.join(accountants)} accountant)" if accountants else "") + "; greedy answers", fontsize=9, loc="left")
+                   + (f" ({', '.join(accountants)} accountant)" if accountants else "")
+                   + ("; seeded: holds only against someone who does not know the seed" if any(not e.get("secure_mode") for e in private) else "")
+                   + "; greedy answers", fontsize=9, loc="left")
     handles, labels = left.get_legend_handles_labels()
     more_handles, more_labels = right.get_legend_handles_labels()
     fig.legend(handles + more_handles, labels + more_labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
@@ -374,7 +386,9 @@ def main(args):
         raise EvaluationError("--curve needs at least one DP-trained run among --adapters")
     cards, source = load_eval_cards(runs, d.dataset, d.split, d.max_samples)
 
-    output_dir = Path(o.output_dir or (Path(runs[0]["run_dir"]) / "eval" if len(runs) == 1 else "outputs/eval"))
+    # the predictions hold the evaluated rows' text: by default they stay in the run's private record
+    default_dir = RunDir(runs[0]["run_dir"]).private / "eval" if len(runs) == 1 and runs[0]["run_dir"] else Path("outputs/eval")
+    output_dir = Path(o.output_dir or default_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if o.report_to == "wandb":
         wandb_mode = tracking.prepare_wandb_environment()
@@ -399,7 +413,7 @@ def main(args):
         entry = {"name": job["name"], "kind": job["kind"], "base_model": info["base_model"], "adapter_dir": info["adapter_dir"],
                  "run_dir": info["run_dir"], "dp_enabled": job.get("dp_enabled", False), "epsilon": job.get("epsilon"),
                  "target_epsilon": job.get("target_epsilon"), "delta": job.get("delta"), "accountant": job.get("accountant"),
-                 "steps": job.get("steps"), "n_train": job.get("n_train"),
+                 "steps": job.get("steps"), "n_train": job.get("n_train"), "secure_mode": job.get("secure_mode", False),
                  "selected_on_private_data": job.get("selected_on_private_data", False), "metrics": summary}
         entries.append(entry)
         predictions.extend(dict(model=job["name"], **row) for row in rows)
@@ -440,7 +454,7 @@ def main(args):
 
 
 def cli_main(argv=None) -> int:
-    return cli.run_main(main, parse_args, argv, (cli.ArgumentErrors, EvaluationError, DataError, AdapterError, ModelLoadError, FileNotFoundError))
+    return cli.run_main(main, parse_args, argv)
 
 
 if __name__ == "__main__":

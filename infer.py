@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils import cli
-from utils.generation import AdapterError, GenerationSettings, find_run_files, settings_problems
-from utils.model_loading import ModelLoadError
+from utils.cli import UserError
+from utils.decoding import GenerationSettings, settings_problems
+from utils.run_dir import RunDirError, find_adapters
 
 
 @dataclass
@@ -57,7 +58,7 @@ class InputArguments:
 GROUPS = {"model": ModelArguments, "input": InputArguments, "generation": GenerationSettings}
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """A one-line, user-facing problem with the questions."""
 
 
@@ -94,8 +95,8 @@ def validate_args(args) -> None:
         problems.append(f"--output {i.output} is a directory; expected a .jsonl file name")
     if m.adapters:
         try:
-            find_run_files(m.adapters)
-        except AdapterError as error:
+            find_adapters(m.adapters)
+        except RunDirError as error:
             problems.append(str(error))
     if problems:
         raise cli.ArgumentErrors(problems)
@@ -166,14 +167,15 @@ def jsonl_record(question: str, instruction: str | None, answer: str, info: dict
         "answer": answer,
         "model": {"base_model": info["base_model"], "adapters": info["adapter_dir"], "merged": info["merged"], "load_in_4bit": info["load_in_4bit"]},
         "privacy": {"summary": info["privacy"], "epsilon": _finite(report.get("epsilon")), "delta": _finite(report.get("delta")),
-                    "dp_enabled": report.get("dp_enabled"), "selected_on_private_data": report.get("selected_on_private_data")},
+                    "dp_enabled": report.get("dp_enabled"), "threat_model": report.get("threat_model"),
+                    "selected_on_private_data": report.get("selected_on_private_data")},
         "generation": dataclasses.asdict(settings),
     }
 
 
 def answer_interactively(model, tokenizer, info, args) -> list[dict]:
     """A terminal on standard input: answer (streamed) each question as soon as it is typed."""
-    from utils.generation import AnswerStreamer, generate_answers, stop_token_ids
+    from utils.decoding import AnswerStreamer, generate_answers, stop_token_ids
 
     print(header(info), flush=True)
     print("Type a question and press Enter; Ctrl-D to finish.", file=sys.stderr, flush=True)
@@ -190,7 +192,8 @@ def main(args) -> list[dict]:
     """Answer every question; returns [{question, instruction, answer, ...}] as written to --output."""
     from transformers.utils import logging as hf_logging
 
-    from utils.generation import AnswerStreamer, generate_answers, load_for_inference, stop_token_ids
+    from utils.decoding import AnswerStreamer, generate_answers, stop_token_ids
+    from utils.run_loading import load_for_inference
 
     validate_args(args)
     m, i, settings = args.model, args.input, args.generation
@@ -229,18 +232,7 @@ def main(args) -> list[dict]:
 
 
 def cli_main(argv=None) -> int:
-    try:
-        main(parse_args(argv))
-    except cli.ArgumentErrors as error:
-        print("error: " + "; ".join(error.problems), file=sys.stderr)
-        return 2
-    except (AdapterError, InputError, ModelLoadError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
-    return 0
+    return cli.run_main(main, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Answer throughput of utils.generation.generate_answers: batched vs one question at a time, LoRA
+"""Answer throughput of utils.decoding.generate_answers: batched vs one question at a time, LoRA
 adapters attached vs merged into the base.
 
 Contract
 - Model: --model through utils.model_loading (default the embedded Gemma 3 270M), with LoRA adapters:
-  --adapters (a training run's) or, by default, fresh adapters of train_dp_lora.py's default LoRA
-  shape (their values do not change the cost). Loading goes through utils.generation.load_for_inference,
+  --adapters (a training run's) or, by default, fresh adapters of the default LoRA shape
+  (utils.training.LoraArguments: what train_dp_lora.py trains; their values do not change the cost). Loading goes through utils.run_loading.load_for_inference,
   as infer.py does.
 - Questions: the first --questions questions of the bundled flashcards. Greedy decoding, at most
   --max_new_tokens tokens per answer.
@@ -37,11 +37,12 @@ if str(REPO) not in sys.path:  # run as `python bench/bench_generate.py` from an
 
 import torch  # noqa: E402
 
-import train_dp_lora  # noqa: E402
 from utils import cli  # noqa: E402
 from utils.data import BUNDLED_DATASET, clean_rows, read_rows  # noqa: E402
-from utils.generation import AdapterError, GenerationSettings, generate_answers, load_for_inference  # noqa: E402
+from utils.decoding import GenerationSettings, generate_answers  # noqa: E402
+from utils.run_loading import AdapterError, load_for_inference  # noqa: E402
 from utils.model_loading import EMBEDDED_MODEL, ModelLoadError, load_base_model  # noqa: E402
+from utils.training import LoraArguments  # noqa: E402
 
 
 @dataclass
@@ -76,7 +77,7 @@ def fresh_adapters(model: str, directory: str) -> str:
     """Adapters of train_dp_lora.py's default LoRA shape over `model`, saved as a run would save them."""
     from peft import LoraConfig, get_peft_model
 
-    lora = train_dp_lora.LoraArguments()
+    lora = LoraArguments()
     base = load_base_model(model, device="cpu")
     config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                         target_modules=lora.lora_target_modules, task_type="CAUSAL_LM")

@@ -1,21 +1,27 @@
 """What one DP-LoRA training step costs next to a non-private LoRA step and the public notebook's path.
 
 Contract
-- One process, one model (train_dp_lora.build_model: the training script's LoRA setup, dtype and
-  device), one synthetic batch per sequence length: B rows of T tokens, the first (1 - answer_fraction)
-  of each row a masked prompt and the rest answer tokens (no padding: the worst case for memory).
+- One process, one model (utils.training.build_lora_model with the default LoraArguments and
+  compute_dtype: the training script's LoRA setup, dtype and device), one synthetic batch per sequence
+  length: B rows of T tokens, the first (1 - answer_fraction) of each row a masked prompt and the
+  rest answer tokens (no padding: the worst case for memory).
 - Arms, each with its own optimizer over the same LoRA weights, measured round-robin (the order
   rotates every round) so that load from other processes hits them alike:
-    nonprivate   train_dp_lora.backward_examples (per-example loss, (sum / B).backward()), AdamW
+    nonprivate   utils.training.backward_examples (per-example loss, (sum / B).backward()), AdamW
                  step: train_dp_lora.py with --disable_dp;
     dp_<mode>    what train_dp_lora.py runs per step with --grad_sample_mode <mode>:
-                 privacy.attach_per_sample_hooks (unwrapped), train_dp_lora.backward_examples (the
+                 privacy.attach_per_sample_hooks (unwrapped), utils.training.backward_examples (the
                  loop's own function), privacy.make_dp_optimizer over AdamW with the
                  accountant's step hook (clip, noise, step);
     notebook     the public notebook's path: Opacus GradSampleModule (wrapped, default hooks,
                  loss_reduction="mean") around the model, the Hugging Face loss model(labels=...)
                  (full B x T x V logits, token mean over the batch), and a DPOptimizer as
-                 PrivacyEngine.make_private builds it, with the same accountant hook.
+                 PrivacyEngine.make_private builds it, with the same accountant hook;
+    hf_nonprivate  the plain Hugging Face non-private path: model(input_ids, attention_mask,
+                 labels=...).loss (full B x T' x V logits, token mean over the batch), AdamW step,
+                 each row right-padded to T' = max(T, --hf_pad_to) (the notebook pads every row to
+                 128; pads masked and unlabelled). Ratios dp_<mode>/hf_nonprivate are per step at
+                 the same B (--skip_hf_nonprivate leaves it out).
 - Time: wall-clock seconds of --steps measured rounds per arm (CUDA synchronised), after
   --warmup_steps unmeasured ones and one memory step. A time ratio is the median over rounds of the
   two arms' ratio within the round; the ratio of the median times is reported beside it.
@@ -36,7 +42,6 @@ Run
     python bench/bench_step.py --model gemma3-270m --seq_lens 128 --tokens_per_batch 512   # embedded Gemma 3 270M (slow)
 """
 
-import dataclasses
 import json
 import os
 import platform
@@ -56,12 +61,12 @@ if str(REPO) not in sys.path:  # run as `python bench/bench_step.py` from anywhe
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the memory profiler's start/stop chatter
 import torch  # noqa: E402
 
-import train_dp_lora  # noqa: E402
-from utils import cli, privacy  # noqa: E402
+from utils import cli, privacy, training  # noqa: E402
 from utils.prompt import IGNORE_INDEX  # noqa: E402
 
 SYNTHETIC_MODEL = "vaultgemma-config"
-DEFAULT_GRAD_SAMPLE_MODE = next(f.default for f in dataclasses.fields(train_dp_lora.PrivacyArguments) if f.name == "grad_sample_mode")
+DEFAULT_GRAD_SAMPLE_MODE = privacy.DEFAULT_GRAD_SAMPLE_MODE  # train_dp_lora.py's --grad_sample_mode default
+HF_PAD_TO = 128  # the public notebook pads every row to max_length=128
 NOISE_MULTIPLIER, MAX_GRAD_NORM, LEARNING_RATE = 1.0, 1.0, 1e-4
 
 
@@ -86,6 +91,8 @@ class BenchArguments:
     grad_sample_modes: list[str] = field(default_factory=lambda: [DEFAULT_GRAD_SAMPLE_MODE],
                                          metadata={"help": "per-sample gradient modes of this project's DP path", "choices": list(privacy.GRAD_SAMPLE_MODES)})
     skip_notebook: bool = field(default=False, metadata={"help": "leave out the notebook arm (the slowest)"})
+    skip_hf_nonprivate: bool = field(default=False, metadata={"help": "leave out the plain Hugging Face non-private arm"})
+    hf_pad_to: int = field(default=HF_PAD_TO, metadata={"help": "hf_nonprivate pads each row to max(T, this) tokens, as the notebook does"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
     seed: int = field(default=0, metadata={"help": "seeds the synthetic model, batches, dropout and noise"})
     output: str = field(default="outputs/bench/bench_step.json", metadata={"help": "JSON results"})
@@ -106,6 +113,8 @@ def validate_args(args) -> None:
         problems.append("--seq_lens must all be >= 4")
     if b.tokens_per_batch < 1:
         problems.append("--tokens_per_batch must be >= 1")
+    if b.hf_pad_to < 1:
+        problems.append("--hf_pad_to must be >= 1")
     if not 0 < b.answer_fraction < 1:
         problems.append(f"--answer_fraction must be in (0, 1), got {b.answer_fraction}")
     if b.steps < 1 or b.warmup_steps < 0:
@@ -121,7 +130,7 @@ def validate_args(args) -> None:
 # -----------------------------------------------------------------------------
 # the model, the batch, the machine
 
-def synthetic_vaultgemma_dir(m: ModelArguments, max_len: int, seed: int, directory: str) -> str:
+def synthetic_vaultgemma_dir(m: ModelArguments, max_len: int, seed: int, directory: str, max_positions: int = 0) -> str:
     """A randomly initialised VaultGemma of the requested sizes, saved where --model can load it."""
     from transformers import VaultGemmaConfig, VaultGemmaForCausalLM
 
@@ -129,7 +138,7 @@ def synthetic_vaultgemma_dir(m: ModelArguments, max_len: int, seed: int, directo
     config = VaultGemmaConfig(
         vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
         num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads, num_key_value_heads=1,
-        head_dim=head_dim, query_pre_attn_scalar=head_dim, max_position_embeddings=max(max_len, 8), sliding_window=max(max_len // 2, 4),
+        head_dim=head_dim, query_pre_attn_scalar=head_dim, max_position_embeddings=max(max_len, max_positions, 8), sliding_window=max(max_len // 2, 4),
         layer_types=["sliding_attention", "full_attention"] * (m.num_hidden_layers // 2) + ["sliding_attention"] * (m.num_hidden_layers % 2),
         pad_token_id=0, eos_token_id=1, bos_token_id=2,
     )
@@ -139,17 +148,18 @@ def synthetic_vaultgemma_dir(m: ModelArguments, max_len: int, seed: int, directo
 
 
 def build_bench_model(m: ModelArguments, b: BenchArguments, device, directory: str):
-    """(LoRA model from train_dp_lora.build_model with its default LoRA settings, the --model string used)."""
-    model_name = synthetic_vaultgemma_dir(m, max(b.seq_lens), b.seed, directory) if m.model == SYNTHETIC_MODEL else m.model
-    train_args = train_dp_lora.parse_args(["--model", model_name, "--seed", str(b.seed)])
+    """(the LoRA model train_dp_lora.py builds with its default LoRA settings and dtype, the --model string used)."""
+    max_positions = 0 if b.skip_hf_nonprivate else b.hf_pad_to
+    model_name = synthetic_vaultgemma_dir(m, max(b.seq_lens), b.seed, directory, max_positions) if m.model == SYNTHETIC_MODEL else m.model
     if m.model == SYNTHETIC_MODEL:
-        vocabulary = range(m.vocab_size)  # no tokenizer needed: build_model only checks len(tokenizer) against the embeddings
+        vocabulary = range(m.vocab_size)  # no tokenizer needed: build_lora_model only checks len(tokenizer) against the embeddings
     else:
         from utils.model_loading import load_tokenizer
 
         vocabulary = load_tokenizer(model_name)
     torch.manual_seed(b.seed)
-    return train_dp_lora.build_model(train_args, vocabulary, device), train_args
+    dtype = training.compute_dtype("auto", "no", device)  # train_dp_lora.py's --dtype auto, no Accelerate mixed precision
+    return training.build_lora_model(model_name, training.LoraArguments(), vocabulary, device, dtype=dtype), model_name
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, answer_fraction: float, seed: int, device) -> dict:
@@ -235,7 +245,7 @@ def nonprivate_arm(model, params, batch_size: int) -> Arm:
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
 
     def step(batch):
-        train_dp_lora.backward_examples(model, batch, params, False, batch_size)
+        training.backward_examples(model, batch, params, False, batch_size)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -250,7 +260,7 @@ def project_dp_arm(model, params, batch_size: int, mode: str, device, seed: int)
     attached = []
 
     def step(batch):
-        train_dp_lora.backward_examples(model, batch, params, True, batch_size)
+        training.backward_examples(model, batch, params, True, batch_size)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -277,6 +287,31 @@ def notebook_arm(model, params, batch_size: int, device, seed: int) -> Arm:
                leave=lambda: wrapped.pop().remove_hooks())
 
 
+def pad_rows(batch: dict, length: int, pad_token_id: int = 0) -> dict:
+    """Each row right-padded to `length` tokens: pad ids, attention 0, labels IGNORE_INDEX."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    pad = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=pad[k]) for k, v in batch.items()}
+
+
+def hf_nonprivate_arm(model, params, pad_to: int, pad_token_id: int = 0) -> Arm:
+    """The plain Hugging Face step: model(..., labels=...).loss over full logits, rows padded to max(T, pad_to)."""
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
+    padded = []  # (the batch given, its padded copy): padded once, outside the measured steps' first call
+
+    def step(batch):
+        if not padded or padded[0][0] is not batch:
+            padded[:] = [(batch, pad_rows(batch, max(batch["input_ids"].shape[1], pad_to), pad_token_id))]
+        rows = padded[0][1]
+        model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], labels=rows["labels"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Arm("hf_nonprivate", step)
+
+
 def run_arm(arm: Arm, batch, measure):
     arm.enter()
     try:
@@ -292,6 +327,8 @@ def bench_seq_len(model, params, b: BenchArguments, seq_len: int, vocab_size: in
     arms += [project_dp_arm(model, params, batch_size, mode, device, b.seed) for mode in b.grad_sample_modes]
     if not b.skip_notebook:
         arms.append(notebook_arm(model, params, batch_size, device, b.seed))
+    if not b.skip_hf_nonprivate:
+        arms.append(hf_nonprivate_arm(model, params, b.hf_pad_to))
     for _ in range(b.warmup_steps):
         for arm in arms:
             run_arm(arm, batch, lambda step: step())
@@ -301,7 +338,8 @@ def bench_seq_len(model, params, b: BenchArguments, seq_len: int, vocab_size: in
         for k in range(len(arms)):
             arm = arms[(round_ + k) % len(arms)]
             times[arm.name].append(run_arm(arm, batch, lambda step: timed(step, device)))
-    result = {"seq_len": seq_len, "batch_size": batch_size, "answer_tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()), "arms": {}}
+    result = {"seq_len": seq_len, "batch_size": batch_size, "answer_tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+              "hf_padded_len": None if b.skip_hf_nonprivate else max(seq_len, b.hf_pad_to), "arms": {}}
     for arm in arms:
         result["arms"][arm.name] = {"median_s": statistics.median(times[arm.name]), "times_s": times[arm.name], **memory[arm.name]}
     result["ratios"] = ratios(result["arms"], b.grad_sample_modes)
@@ -321,6 +359,8 @@ def ratios(arms: dict, modes: list[str]) -> dict:
         out[f"dp_{mode}/nonprivate"] = paired(f"dp_{mode}", "nonprivate")
         if "notebook" in arms:
             out[f"notebook/dp_{mode}"] = paired("notebook", f"dp_{mode}")
+        if "hf_nonprivate" in arms:
+            out[f"dp_{mode}/hf_nonprivate"] = paired(f"dp_{mode}", "hf_nonprivate")
     return out
 
 

@@ -19,6 +19,54 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs the real embedded Gemma 3 270M or minutes of CPU; run with -m slow")
+    config.addinivalue_line("markers", "numerics: the result depends on floating-point kernels or seeded statistics; "
+                                       "CI reruns `pytest -m numerics` under other OMP_NUM_THREADS")
+
+
+# -----------------------------------------------------------------------------
+# tolerances stated as an error budget
+#
+# A budget is in ulps of the expected tensor's largest entry: |actual - expected| <= budget * eps * max|expected|,
+# with eps the machine epsilon (2**-52 = 2.2e-16 for fp64, 2**-23 = 1.2e-7 for fp32) of the precision that limits
+# the computation. Note: VaultGemma's RMSNorm (x.float()) and eager softmax (dtype=torch.float32) run in fp32 even
+# in an .double() model, forward and backward, so gradients through the body are fp32-limited: two runs whose fp64
+# inputs differ in the last bit (another matmul blocking for another batch shape, another thread count) round
+# differently there and differ by ~1 fp32 ulp of the largest gradient entry, never by fp64 ulps.
+
+FP64_EPS = 2.0**-52
+FP32_EPS = 2.0**-23
+
+
+def scaled_error(actual, expected, eps: float) -> float:
+    """max|actual - expected| / (eps * max|expected|): the difference in ulps of the largest expected entry.
+
+    Sequences of tensors are compared pairwise, each on its own scale, and the worst pair is returned.
+    inf for a NaN, a shape mismatch, or any difference from an all-zero expected tensor.
+    """
+    import torch
+
+    if isinstance(actual, (list, tuple)):
+        assert len(actual) == len(expected), (len(actual), len(expected))
+        return max((scaled_error(a, e, eps) for a, e in zip(actual, expected)), default=0.0)
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    if actual.shape != expected.shape or torch.isnan(actual).any() or torch.isnan(expected).any():
+        return float("inf")
+    difference = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    if difference == 0.0:
+        return 0.0
+    return difference / (eps * scale) if scale > 0 else float("inf")
+
+
+def assert_close_scaled(actual, expected, budget_ulps: float, *, eps: float, why: str) -> float:
+    """Assert actual == expected within budget_ulps ulps (of eps) of max|expected|; return the error in those ulps.
+
+    why: the error budget in words (where honest code can differ, by how much); shown on failure.
+    """
+    error = scaled_error(actual, expected, eps)
+    assert error <= budget_ulps, (f"difference {error:.3g} ulps (eps {eps:.3g}) of max|expected| exceeds the budget of "
+                                  f"{budget_ulps} ulps: {why}")
+    return error
 
 
 def bundled_cards() -> list[dict]:

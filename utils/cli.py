@@ -100,19 +100,32 @@ def to_dict(args: argparse.Namespace) -> dict:
     return out
 
 
-class ArgumentErrors(ValueError):
-    """Every problem with the arguments, reported at once."""
+class UserError(ValueError):
+    """A problem the user can fix: every script prints str(error) as one line and exits with code 2.
+
+    Every user-facing error class derives from it; anything else is a bug and shows its traceback.
+    """
+
+
+class ArgumentErrors(UserError):
+    """Every problem with the arguments, reported at once (joined on one line)."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("invalid arguments:\n  - " + "\n  - ".join(problems))
+        super().__init__("; ".join(problems))
 
 
-def run_main(main, parse_args, argv, user_errors: tuple) -> int:
-    """Run a script's main(parse_args(argv)); a problem the user can fix is one line on stderr and exit code 2."""
+def run_main(main, parse_args, argv=None) -> int:
+    """Run a script's main(parse_args(argv)): the one exit path of every script.
+
+    A UserError is one line on stderr and exit code 2; Ctrl-C is exit code 130.
+    """
     try:
         main(parse_args(argv))
-    except user_errors as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
     return 0

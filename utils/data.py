@@ -4,21 +4,25 @@ Rows follow the Medical Meadow schema: instruction, input (the question), output
 Sources: the hub dataset id (`medalpaca/medical_meadow_medical_flashcards`), a local
 .json/.jsonl/.csv/.parquet file with those columns, or `bundled` for the sample the project ships.
 Cleaning skips rows with an empty question or answer and drops exact duplicates (a duplicated row
-would be one person's record counted twice, which weakens example-level DP). The split is a seeded
-permutation; `split.json` records row indices and hashes, never the text, so an output directory
-holds no raw private data.
+would be one person's record counted twice, which weakens example-level DP). The split is a keyed
+hash of each row's own content (SplitSpec): no per-row record is stored anywhere, and evaluation
+recomputes the held-out rows from the data and the public spec.
 """
 
 import csv
+import dataclasses
 import hashlib
+import hmac
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from utils.prompt import DEFAULT_INSTRUCTION, IGNORE_INDEX, encode_example
+from utils.cli import UserError
 
 HUB_DATASET = "medalpaca/medical_meadow_medical_flashcards"
 BUNDLED_DATASET = "bundled"
@@ -27,7 +31,7 @@ COLUMNS = ("instruction", "input", "output")
 LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A one-line, user-facing problem with the data."""
 
 
@@ -149,49 +153,71 @@ def clean_rows(rows: list[dict]) -> tuple[list[dict], dict]:
 
 
 def row_hash(card: dict) -> str:
+    """Exact identity of a cleaned row (duplicate detection, and the private run's fingerprint)."""
     return hashlib.sha256(json.dumps([card[c] for c in COLUMNS], ensure_ascii=False).encode()).hexdigest()
 
 
 def fingerprint(cards: list[dict]) -> str:
+    """One hash over every row: private (it decides membership for anyone holding a candidate dataset)."""
     digest = hashlib.sha256()
     for card in cards:
         digest.update(row_hash(card).encode())
     return digest.hexdigest()
 
 
-def split_rows(n_rows: int, validation_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
-    """Seeded permutation of row indices into train / validation / test."""
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_test = int(round(n_rows * test_fraction))
-    n_val = int(round(n_rows * validation_fraction))
-    return {
-        "test": sorted(order[:n_test]),
-        "validation": sorted(order[n_test:n_test + n_val]),
-        "train": sorted(order[n_test + n_val:]),
-    }
+@dataclass(frozen=True)
+class SplitSpec:
+    """How rows are assigned to splits: public parameters, written into the release bundle.
+
+    Each row's split follows from a keyed hash (HMAC-SHA256, key from `seed`) of its own normalised
+    question and answer alone, never from its position or the other rows: adding or removing one row
+    of the file changes the training set by at most that row, and anyone holding the data and this
+    spec can recompute which rows were held out. Training rows are further kept with probability
+    `train_sample_fraction`, from a second, independent keyed hash.
+    """
+
+    seed: int
+    validation_fraction: float
+    test_fraction: float
+    train_sample_fraction: float = 1.0
+    method: str = "hmac-sha256 of the lowercased, whitespace-collapsed question and answer"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SplitSpec":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
-def split_record(source: str, cards: list[dict], split: dict[str, list[int]], seed: int, stats: dict) -> dict:
-    """What split.json holds: where the data came from, and each split's row indices and hashes."""
-    return {
-        "dataset": source,
-        "dataset_fingerprint": fingerprint(cards),
-        "n_rows_clean": len(cards),
-        "seed": seed,
-        "cleaning": stats,
-        "splits": {name: {"indices": idx, "hashes": [row_hash(cards[i]) for i in idx]} for name, idx in split.items()},
-    }
+def _normalised(card: dict) -> bytes:
+    return json.dumps([" ".join(card[c].lower().split()) for c in ("input", "output")], ensure_ascii=False).encode()
 
 
-def load_split(split_path: str, name: str, dataset: str | None = None) -> tuple[list[dict], dict]:
-    """Rows of one split of a finished run, re-read from the recorded source and checked against its hashes."""
-    with open(split_path, encoding="utf-8") as handle:
-        record = json.load(handle)
-    cards, _ = clean_rows(read_rows(dataset or record["dataset"]))
-    if fingerprint(cards) != record["dataset_fingerprint"]:
-        raise DataError(f"dataset {dataset or record['dataset']!r} differs from the one the run in {split_path} was trained on")
-    part = record["splits"][name]
-    return [cards[i] for i in part["indices"]], record
+def _keyed_uniform(purpose: str, seed: int, card: dict) -> float:
+    """A uniform in [0, 1) from HMAC(key = purpose and seed, message = the row's normalised content)."""
+    mac = hmac.new(f"{purpose}:{seed}".encode(), _normalised(card), hashlib.sha256).digest()
+    return int.from_bytes(mac[:8], "little") / 2.0**64
+
+
+def assign_split(card: dict, spec: SplitSpec) -> str:
+    """"test", "validation", "train", or "unsampled" (a training row left out by train_sample_fraction)."""
+    u = _keyed_uniform("split", spec.seed, card)
+    if u < spec.test_fraction:
+        return "test"
+    if u < spec.test_fraction + spec.validation_fraction:
+        return "validation"
+    if _keyed_uniform("train-sample", spec.seed, card) < spec.train_sample_fraction:
+        return "train"
+    return "unsampled"
+
+
+def split_cards(cards: list[dict], spec: SplitSpec) -> dict[str, list[int]]:
+    """Row indices of each split, in file order."""
+    split = {"train": [], "validation": [], "test": [], "unsampled": []}
+    for index, card in enumerate(cards):
+        split[assign_split(card, spec)].append(index)
+    return split
 
 
 def tokenize_cards(tokenizer, cards: list[dict], max_seq_length: int) -> tuple[list[dict], int]:

@@ -113,17 +113,28 @@ def sum_across_ranks(values: list[float], device) -> list[float]:
     return totals.tolist()
 
 
-def step_totals(example_losses: torch.Tensor, n_drawn: int, device) -> tuple[float, int]:
-    """(mean finite loss over the whole step, global example count), checking the ranks processed the draw exactly.
+def row_ids_digest(rows) -> int:
+    """Order-free digest of a multiset of row ids: the sum of their 48-bit hashes (a different multiset
+    collides with probability about 2^-48)."""
+    return sum(int.from_bytes(hashlib.sha256(f"row:{r}".encode()).digest()[:6], "little") for r in rows)
 
-    A global count different from the draw would mean rows were dropped or processed twice, and the
-    step would not be the subsampled Gaussian mechanism the accountant charged for.
+
+def step_totals(example_losses: torch.Tensor, drawn: list[int], processed: list[int], device) -> float:
+    """Mean finite loss over the whole step, checking that the ranks processed exactly the drawn rows.
+
+    Each rank contributes the count and an order-free digest of the row ids it processed; both must
+    equal those of the global draw. Otherwise rows were dropped or processed twice (say, ranks with
+    different tokenizers or data files) and the step would not be the mechanism the accountant charged.
     """
     finite = example_losses[torch.isfinite(example_losses)]
-    loss_sum, n_finite, n_examples = sum_across_ranks([finite.sum().item(), len(finite), len(example_losses)], device)
-    if int(n_examples) != n_drawn:
-        raise RuntimeError(f"ranks processed {int(n_examples)} examples but the step drew {n_drawn}")
-    return (loss_sum / n_finite if n_finite else float("nan")), int(n_examples)
+    digest_hi, digest_lo = divmod(row_ids_digest(processed), 2**24)  # two float64-exact halves
+    totals = torch.tensor([finite.sum().item(), len(finite), len(processed), digest_hi, digest_lo],
+                          dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
+    loss_sum, n_finite, n_rows, hi, lo = totals.tolist()
+    if int(n_rows) != len(drawn) or int(hi) * 2**24 + int(lo) != row_ids_digest(drawn):
+        raise RuntimeError(f"ranks processed {int(n_rows)} rows, not exactly the {len(drawn)} rows the step drew")
+    return loss_sum / n_finite if n_finite else float("nan")
 
 
 def mean_across_ranks(local_mean: float, local_count: int, device) -> float:
@@ -134,6 +145,11 @@ def mean_across_ranks(local_mean: float, local_count: int, device) -> float:
 
 def shard(items: list, rank: int, world_size: int) -> list:
     return items if world_size == 1 else items[rank::world_size]
+
+
+def digest_hex(value) -> str:
+    """SHA-256 of a JSON-able value (an identity to compare, never a record of private rows)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _digest(value) -> int:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from utils.cli import UserError
 
 EMBEDDED_MODEL = "gemma3-270m"  # short name for the offline embedded default
 DEFAULT_MODEL = "google/vaultgemma-1b"
@@ -52,7 +53,7 @@ PROBE_TIMEOUT_S = 3.0  # how long a reachability probe may take before we call t
 OFFLINE_ALTERNATIVE = f"use --model {EMBEDDED_MODEL} (embedded, works offline), a local model directory, or a .gguf file"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     """A model or tokenizer could not be loaded; str(error) is a one-line message for the user."""
 
 

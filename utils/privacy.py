@@ -17,6 +17,7 @@ import math
 import os
 
 import torch
+from utils.cli import UserError
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -39,13 +40,31 @@ def make_accountant(kind: str):
     return create_accountant(kind)
 
 
+# RDP orders: Opacus's defaults stop at 63, where the optimum sits for small epsilon or few steps
+# (Opacus then warns "Optimal order is the largest alpha"); these reach far enough for sigma up to ~1e3.
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 256, 8)) + \
+    [256, 320, 384, 448, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384]
+MAX_NOISE_MULTIPLIER = 1e4  # the largest sigma tried when calibrating; its epsilon is the smallest reachable
+
+
+class PrivacyBudgetError(UserError):
+    """The requested (epsilon, delta) cannot be met: a one-line, user-facing message."""
+
+
+def accountant_epsilon(accountant, delta: float) -> float:
+    """accountant.get_epsilon(delta), with the wide RDP orders for the RDP accountant."""
+    if getattr(accountant, "mechanism", lambda: "")() == "rdp":
+        return accountant.get_epsilon(delta, alphas=RDP_ORDERS)
+    return accountant.get_epsilon(delta)
+
+
 def epsilon_after(steps: int, noise_multiplier: float, sample_rate: float, delta: float, accountant: str) -> float:
     """Epsilon the accountant reports after `steps` identical subsampled-Gaussian steps."""
     if steps == 0:
         return 0.0
     acc = make_accountant(accountant)
     acc.history = [(noise_multiplier, sample_rate, steps)]
-    return acc.get_epsilon(delta)
+    return accountant_epsilon(acc, delta)
 
 
 class LoggedEpsilon:
@@ -64,7 +83,7 @@ class LoggedEpsilon:
     def after(self, steps_taken: int) -> float:
         history = self.accountant.history
         if self.every == 1 or steps_taken >= self.last_step or len(history) != 1:
-            return self.accountant.get_epsilon(self.delta)
+            return accountant_epsilon(self.accountant, self.delta)
         if steps_taken > self._until:
             self._until = min(-(-steps_taken // self.every) * self.every, self.last_step)
             noise_multiplier, sample_rate, _ = history[0]  # one (sigma, q) for the whole run: resume refuses others
@@ -72,13 +91,43 @@ class LoggedEpsilon:
         return self._value
 
 
-def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """The smallest noise multiplier (to Opacus's search tolerance) whose epsilon after `steps` is <= target."""
-    from opacus.accountants.utils import get_noise_multiplier
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                    tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier (to `tolerance` in epsilon) whose epsilon after `steps` is <= target.
 
-    return get_noise_multiplier(
-        target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
-    )
+    Raises PrivacyBudgetError, naming the smallest epsilon reachable, when no sigma up to
+    MAX_NOISE_MULTIPLIER meets the target.
+    """
+    def eps(sigma):
+        return epsilon_after(steps, sigma, sample_rate, delta, accountant)
+
+    high = 20.0
+    while eps(high) > epsilon:
+        if high >= MAX_NOISE_MULTIPLIER:
+            floor = eps(MAX_NOISE_MULTIPLIER)
+            raise PrivacyBudgetError(
+                f"--epsilon {epsilon:g} is below the smallest epsilon the {accountant} accountant certifies for "
+                f"q = {sample_rate:.4g} over {steps} steps at delta {delta:.3g} ({floor:.4g}, at any noise); "
+                f"raise --epsilon to at least {math.ceil(floor * 1000) / 1000:g}"
+                + (" or try --accountant rdp" if accountant == "prv" and eps_rdp_floor(steps, sample_rate, delta) < floor else ""))
+        high = min(2 * high, MAX_NOISE_MULTIPLIER)
+    low, eps_high = 0.0, eps(high)
+    while epsilon - eps_high > tolerance:  # the same bisection as Opacus's get_noise_multiplier
+        mid = (low + high) / 2
+        eps_mid = eps(mid)
+        if eps_mid < epsilon:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return high
+
+
+def eps_rdp_floor(steps: int, sample_rate: float, delta: float) -> float:
+    import warnings
+
+    with warnings.catch_warnings():  # at this sigma the optimum is past any order: the value is still an upper bound
+        warnings.simplefilter("ignore")
+        return epsilon_after(steps, MAX_NOISE_MULTIPLIER, sample_rate, delta, "rdp")
 
 
 def step_budget(epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, accountant: str, upper: int) -> int:
@@ -295,25 +344,6 @@ def zero_nonfinite_grad_samples(params, bad_rows: torch.Tensor | None = None) ->
         for g in grad_samples:
             g[bad] = 0
     return int(bad.sum())
-
-
-def dp_event(history) -> dict:
-    """The mechanism the accountant was told about, as JSON: what an independent accountant needs.
-
-    `history` is Opacus's [(noise_multiplier, sample_rate, steps), ...]. The names follow Google's
-    dp_accounting events: ComposedDpEvent of SelfComposedDpEvent(PoissonSampledDpEvent(q,
-    GaussianDpEvent(sigma)), steps); neighbouring datasets differ by adding or removing one row.
-    """
-    return {
-        "event": "ComposedDpEvent",
-        "neighboring_relation": "add_or_remove_one",
-        "events": [
-            {"event": "SelfComposedDpEvent", "count": int(steps),
-             "inner": {"event": "PoissonSampledDpEvent", "sampling_probability": float(sample_rate),
-                       "inner": {"event": "GaussianDpEvent", "noise_multiplier": float(sigma)}}}
-            for sigma, sample_rate, steps in history
-        ],
-    }
 
 
 def check_delta(delta: float, n_train: int) -> str | None:

@@ -107,6 +107,24 @@ def cards_answer_nll(model, tokenizer, cards: list[dict], batch_size: int = 8, p
     return answer_nll(model, examples, batch_size, tokenizer.pad_token_id, progress)
 
 
+def rng_state(noise_generator: torch.Generator | None) -> dict:
+    """The torch (and CUDA) RNG states, and the seeded noise generator's, for a checkpoint."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if noise_generator is not None:
+        state["noise_generator"] = noise_generator.get_state()
+    return state
+
+
+def restore_rng_state(state: dict, noise_generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if noise_generator is not None and "noise_generator" in state:
+        noise_generator.set_state(state["noise_generator"])
+
+
 def make_schedule(optimizer, total_steps: int, warmup_ratio: float):
     from transformers import get_cosine_schedule_with_warmup
 
