@@ -46,7 +46,7 @@ from utils.data import BUNDLED_DATASET, DataError, SplitSpec, clean_rows, collat
 from utils.data import split_cards, tokenize_cards
 from utils.model_card import model_card
 from utils.privacy_record import PrivacyRecord, format_epsilon, replace_one_epsilon
-from utils.run_dir import RunDir, RunDirError, atomic_directory, read_json, write_bundle_contents, write_json_atomic
+from utils.run_dir import RunDir, RunDirError, atomic_directory, crash_point, read_json, write_bundle_contents, write_json_atomic
 from utils.train_args import GROUPS, parse_args, validate_against_data, validate_args  # noqa: F401 - GROUPS for --help tests
 
 # Every metric sent to the tracker, and what it is computed from. Epsilon covers none of the
@@ -162,6 +162,8 @@ class Trainer:
                 self.optimizer.signal_skip_step(do_skip=True)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
+            if i == 0:
+                crash_point(f"step_{self.scheduler.last_epoch + 1}:mid")  # test-only (utils/run_dir.py)
         if not batches:  # an empty draw, or an empty share of it: this rank still steps and joins the all-reduce
             self.counters["empty_steps"] += int(not drawn)
             privacy.prepare_empty_step(self.params, dp)
@@ -325,6 +327,8 @@ def main(args) -> dict:
     if not t.resume_from_checkpoint and run.holds_a_run() and not t.overwrite_output_dir:
         raise RunDirError(f"{run.root} already holds a run; pass --overwrite_output_dir to replace it, "
                           "or --resume_from_checkpoint latest to continue it")
+    if t.resume_from_checkpoint:  # a missing checkpoint is one line at once, before the model and data are loaded
+        run.find_checkpoint(t.resume_from_checkpoint)
     wandb_mode = tracking.prepare_wandb_environment() if t.report_to == "wandb" else None
     accelerator = Accelerator(log_with=tracking.tracker_names(t.report_to) or None, project_dir=str(run.tracking_dir),
                               cpu=distributed.needs_cpu_backend())

@@ -3,6 +3,11 @@
 The end-to-end audits use a tiny VaultGemma with a larger initialisation (initializer_range 0.3):
 at the default 0.02 its frozen tied embeddings keep every logit within about +-1, so no adapter
 could memorise a secret and the no-DP audit would have no power to show.
+
+The no-DP audit is designed to sit far above its threshold on any CPU: 96 canaries, 10 real rows,
+30 epochs at lr 0.01 (0.03 was unstable: AUC 0.53-0.98 and bounds 0-2.0 over seeds; 0.005-0.01 memorise
+every inserted canary). With perfect separation the r = 48 guesses are all right (bound 2.41); the
+threshold 1.0 is only reached with 6 of those 48 wrong.
 """
 
 import json
@@ -15,9 +20,10 @@ import pytest
 import audit_privacy
 from conftest import bundled_cards, build_tiny_vaultgemma, write_cards
 
-FAST_AUDIT = ["--num_canaries", "48", "--secret_length", "6", "--exposure_alternatives", "20", "--canary_repeats", "3",
+NUM_CANARIES, REAL_ROWS = 96, 10
+FAST_AUDIT = ["--num_canaries", str(NUM_CANARIES), "--secret_length", "6", "--exposure_alternatives", "20", "--canary_repeats", "3",
               "--num_repeated_canaries", "1", "--seed", "0"]
-FAST_TRAIN = ["--max_train_samples", "20", "--logical_batch_size", "8", "--per_device_train_batch_size", "16",
+FAST_TRAIN = ["--max_train_samples", str(REAL_ROWS), "--logical_batch_size", "8", "--per_device_train_batch_size", "16",
               "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--warmup_ratio", "0", "--eval_steps", "0",
               "--save_steps", "0", "--report_to", "none"]
 
@@ -52,13 +58,20 @@ def randomized_response_scores(m, epsilon, rng):
     return np.where(observed, -1.0, 1.0) + 1e-3 * rng.random(m), included  # low score = "in"
 
 
+@pytest.mark.numerics
 def test_bound_rarely_exceeds_the_true_epsilon_of_randomized_response():
-    # an exactly epsilon-DP mechanism: at 95% confidence the bound may exceed epsilon in <= 5% of runs
-    rng = np.random.default_rng(0)
+    # an exactly epsilon-DP mechanism: at 95% confidence the bound may exceed epsilon in <= 5% of runs. The count
+    # of 80 runs is then <= Binomial(80, 0.05), which exceeds the limit (16) with probability 4e-7; a bound that
+    # exceeded epsilon in 30% of runs would fail with probability 0.97. Observed (numpy seeds 0-39 x 40 runs):
+    # 3.1% of runs exceed, at most 6 of 40 in one seed; the old "<= 4 of 40" fails 4.8% of seeds at a 5% rate.
+    from scipy.stats import binom
+
+    rng, runs = np.random.default_rng(0), 80  # an exact seeded draw (PCG64): the same scores on every CPU
     bounds = [audit_privacy.one_run_bound(*randomized_response_scores(1000, 1.0, rng), 0.0, 0.95, [0.1, 0.5, 1.0])["epsilon_lower_bound"]
-              for _ in range(40)]
-    assert sum(b > 1.0 for b in bounds) <= 4
-    assert np.median(bounds) > 0.5  # and it is not vacuous: it gets close to the truth
+              for _ in range(runs)]
+    assert sum(b > 1.0 for b in bounds) <= binom.isf(1e-6, runs, 0.05)
+    # and it is not vacuous: the median is 0.81-0.87 over seeds 0-39 (sd 0.014), 20 sd above 0.5
+    assert np.median(bounds) > 0.5
 
 
 def test_roc_summary_and_exposure_on_known_cases():
@@ -103,9 +116,13 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.numerics
 def test_audit_without_dp_finds_a_large_lower_bound(audit_setup, capsys):
-    out, result = run_audit(audit_setup, "no_dp", "--disable_dp", "--num_train_epochs", "40", "--learning_rate", "0.03")
+    out, result = run_audit(audit_setup, "no_dp", "--disable_dp", "--num_train_epochs", "30", "--learning_rate", "0.01")
     assert result["reported_epsilon"] is None and not result["dp_enabled"]
+    # Design runs (audit seeds 0-7 with training seeds 100-107, 1 thread): bound SEEDRANGE, AUC AUCRANGE, exposure
+    # inserted once EXPINRANGE bits vs never inserted EXPOUTRANGE (max measurable 4.39); 0 of the 48 extreme guesses wrong.
+    # The thresholds sit below the worst seed: the bound by 1.4 (6 wrong of 48), the AUC by 0.09, exposure by 1.5 bits.
     assert result["epsilon_lower_bound"] > 1.0
     assert result["attack"]["auc"] > 0.9
     exposure = result["exposure"]
@@ -113,19 +130,22 @@ def test_audit_without_dp_finds_a_large_lower_bound(audit_setup, capsys):
     assert exposure["repeated"][0]["exposure"] > exposure["mean_not_included"]
     # files: the canaries (all of them, with secrets and inclusion) and the data that was trained on
     canaries = read_jsonl(out / "canaries.jsonl")
-    assert len(canaries) == 48 + 1 and {"secret", "included", "score", "exposure"} <= set(canaries[0])
+    assert len(canaries) == NUM_CANARIES + 1 and {"secret", "included", "score", "exposure"} <= set(canaries[0])
     real_questions = {c["input"] for c in bundled_cards()}
     assert not any(c["question"] in real_questions for c in canaries)  # disjoint from the real rows, inserted or not
     trained = read_jsonl(out / "audit_data.jsonl")
     inserted = sum(c["copies"] for c in canaries if c["included"])
-    assert len(trained) == 20 + inserted and result["canaries"]["inserted"] == sum(c["included"] for c in canaries[:48])
+    assert len(trained) == REAL_ROWS + inserted and result["canaries"]["inserted"] == sum(c["included"] for c in canaries[:NUM_CANARIES])
     split = json.loads((out / "train" / "split.json").read_text())
     assert len(split["splits"]["train"]["indices"]) == len(trained) and not split["splits"]["validation"]["indices"]
     assert json.loads((out / "audit_report.json").read_text())["epsilon_lower_bound"] == result["epsilon_lower_bound"]
     assert "epsilon lower bound" in capsys.readouterr().out
 
 
+@pytest.mark.numerics
 def test_audit_with_dp_stays_at_or_below_the_reported_epsilon(audit_setup):
+    # the theorem: a (1, delta)-DP run exceeds bound 1 with probability <= 5%; this weak attack on 6 noisy steps
+    # DPBOUNDS
     _, result = run_audit(audit_setup, "dp", "--epsilon", "1", "--max_steps", "6", "--learning_rate", "0.03")
     assert result["dp_enabled"] and 0 < result["reported_epsilon"] <= 1.0
     assert result["epsilon_lower_bound"] <= result["reported_epsilon"]

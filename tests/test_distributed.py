@@ -354,7 +354,7 @@ def two_process_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_two_processes_spend_exactly_the_single_process_epsilon_and_noise(two_process_run):
-    multi, single = read(two_process_run["out"] / "privacy_report.json"), read(two_process_run["single"] / "privacy_report.json")
+    multi, single = read(two_process_run["out"] / "adapter" / "privacy_report.json"), read(two_process_run["single"] / "adapter" / "privacy_report.json")
     for key in ("epsilon", "epsilon_rdp", "noise_multiplier", "sample_rate", "expected_batch_size", "steps", "delta", "n_train", "dp_event"):
         assert multi[key] == single[key], key
     assert multi["world_size"] == 2 and single["world_size"] == 1
@@ -370,8 +370,8 @@ def test_two_processes_train_the_single_process_adapters(two_process_run):
 
 
 def test_ranks_end_identical_and_together_processed_exactly_each_draw(two_process_run):
-    parallel = read(two_process_run["out"] / "all_results.json")["distributed"]
-    report = read(two_process_run["out"] / "privacy_report.json")
+    parallel = read(two_process_run["out"] / "private_run_record" / "results.json")["distributed"]
+    report = read(two_process_run["out"] / "adapter" / "privacy_report.json")
     sampler = PoissonSampler(report["n_train"], report["sample_rate"], seed=42)
     drawn = sum(len(sampler.draw(step)) for step in range(4))
     assert parallel["world_size"] == 2 and parallel["replicas_identical"] is True
@@ -387,7 +387,7 @@ def test_only_rank_zero_writes_files_and_prints(two_process_run):
     assert any(w.endswith("privacy_report.json") for w in rank0) and any("checkpoints" in w for w in rank0)
     stdout = two_process_run["stdout"]
     assert stdout.count("***** Running DP LoRA training *****") == 1 and stdout.count("Done: 4 steps") == 1
-    state = torch.load(two_process_run["out"] / "checkpoints" / "step_000002" / "training_state.pt", weights_only=False)
+    state = torch.load(two_process_run["out"] / "private_run_record" / "checkpoints" / "step_000002" / "training_state.pt", weights_only=False)
     assert len(state["rng_per_rank"]) == 2  # each rank's dropout RNG, for an exact resume
 
 
@@ -395,13 +395,13 @@ def test_two_process_resume_reaches_the_uninterrupted_adapters_and_epsilon(two_p
     resumed = tmp_path / "resumed"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_dp_lora.py",
                "--model", tiny_model_dir, "--output_dir", str(resumed), *RUN,
-               "--resume_from_checkpoint", str(two_process_run["out"] / "checkpoints" / "step_000002")]
+               "--resume_from_checkpoint", str(two_process_run["out"] / "private_run_record" / "checkpoints" / "step_000002")]
     finish(start(command, tmp_path))
-    full, cont = read(two_process_run["out"] / "privacy_report.json"), read(resumed / "privacy_report.json")
+    full, cont = read(two_process_run["out"] / "adapter" / "privacy_report.json"), read(resumed / "adapter" / "privacy_report.json")
     assert cont["steps"] == full["steps"] == 4 and cont["epsilon"] == pytest.approx(full["epsilon"], rel=1e-9)
     a, b = adapters(two_process_run["out"]), adapters(resumed)
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-7) for k in a)
-    assert read(resumed / "all_results.json")["distributed"]["replicas_identical"] is True
+    assert read(resumed / "private_run_record" / "results.json")["distributed"]["replicas_identical"] is True
 
 
 @pytest.mark.slow
@@ -415,6 +415,6 @@ def test_two_machines_on_localhost_train_like_one_process(two_process_run, tiny_
                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     logs = [m.communicate(timeout=600)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert read(out / "privacy_report.json")["epsilon"] == read(two_process_run["single"] / "privacy_report.json")["epsilon"]
+    assert read(out / "adapter" / "privacy_report.json")["epsilon"] == read(two_process_run["single"] / "adapter" / "privacy_report.json")["epsilon"]
     multi, single = adapters(out), adapters(two_process_run["single"])
     assert all(torch.allclose(multi[k], single[k], rtol=0, atol=1e-6) for k in multi)

@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import evaluate_qa
 import train_dp_lora
 from conftest import build_tiny_vaultgemma, bundled_cards, write_cards
 from utils import metrics, training
-from utils.data import clean_rows, row_hash
-from utils.generation import GenerationSettings, load_for_inference
+from utils.data import SplitSpec, assign_split, clean_rows
+from utils.decoding import GenerationSettings
+from utils.run_loading import load_for_inference
 from utils.loss import per_example_loss_from_logits
 from utils.prompt import encode_example
 
@@ -168,10 +170,14 @@ def evaluated(curve_runs, tmp_path_factory):
 # refusing training rows
 
 def test_check_no_training_rows_names_the_run_and_the_count():
-    cards, _ = clean_rows(bundled_cards()[:4])
-    run = {"name": "run_a", "run_dir": "/runs/a", "train_hashes": {row_hash(cards[1]), row_hash(cards[3])}}
-    evaluate_qa.check_no_training_rows(cards[::2], [run])  # rows 0 and 2: fine
-    with pytest.raises(evaluate_qa.EvaluationError, match=r"2 of 4 rows are training rows of run_a"):
+    cards, _ = clean_rows(bundled_cards()[:40])
+    spec = SplitSpec(seed=0, validation_fraction=0.2, test_fraction=0.3)
+    run = {"name": "run_a", "spec": spec}
+    held_out = [c for c in cards if assign_split(c, spec) != "train"]
+    n_train = len(cards) - len(held_out)
+    assert held_out and n_train  # the check below is not vacuous either way
+    evaluate_qa.check_no_training_rows(held_out, [run])
+    with pytest.raises(evaluate_qa.EvaluationError, match=rf"{n_train} of {len(cards)} rows are training rows of run_a"):
         evaluate_qa.check_no_training_rows(cards, [run])
 
 
@@ -182,17 +188,27 @@ def test_cli_refuses_a_dataset_that_contains_training_rows(curve_runs, capsys):
     assert error.startswith("error: refusing to evaluate on training data:") and "\n" not in error
 
 
-def test_cli_refuses_a_split_json_whose_test_split_overlaps_training_rows(curve_runs, tmp_path, capsys):
-    run = tmp_path / "tampered"
-    run.mkdir()
-    for name in ("args.json", "privacy_report.json"):
-        (run / name).write_text((curve_runs["eps2"] / name).read_text())
-    os.symlink(curve_runs["eps2"] / "adapter", run / "adapter")
-    split = json.loads((curve_runs["eps2"] / "split.json").read_text())
-    split["splits"]["test"]["indices"].append(split["splits"]["train"]["indices"][0])
-    (run / "split.json").write_text(json.dumps(split))
-    assert evaluate_qa.cli_main(["--adapters", str(run), "--report_to", "none"]) == 2
-    assert "1 of" in capsys.readouterr().err
+def test_a_bundle_alone_plus_the_data_file_evaluates_its_test_rows_and_refuses_its_training_rows(curve_runs, tmp_path, capsys):
+    shared = tmp_path / "shared_bundle"
+    shutil.copytree(curve_runs["eps2"] / "adapter", shared)  # no private run record: no split record, no hashes
+    assert "private_run_record" not in {p.name for p in tmp_path.iterdir()}
+    out = tmp_path / "eval"
+    code = evaluate_qa.cli_main(["--adapters", str(shared), "--dataset", curve_runs["cards_file"], "--split", "test",
+                                 "--no_base", "--max_new_tokens", "2", "--output_dir", str(out), "--report_to", "none"])
+    assert code == 0, capsys.readouterr().err
+    cards, _ = clean_rows(bundled_cards()[:60])
+    spec = SplitSpec.from_json(json.loads((shared / "privacy_report.json").read_text())["split"])
+    assert json.loads((out / evaluate_qa.RESULTS_FILE).read_text())["data"]["n"] == sum(assign_split(c, spec) == "test" for c in cards) > 0
+    code = evaluate_qa.cli_main(["--adapters", str(shared), "--dataset", curve_runs["cards_file"], "--report_to", "none"])
+    assert code == 2 and "rows are training rows of shared_bundle" in capsys.readouterr().err
+
+
+def test_a_bundle_alone_without_a_dataset_says_which_flag_to_pass(curve_runs, tmp_path, capsys):
+    shared = tmp_path / "shared_bundle"
+    shutil.copytree(curve_runs["eps2"] / "adapter", shared)
+    assert evaluate_qa.cli_main(["--adapters", str(shared), "--report_to", "none"]) == 2
+    error = capsys.readouterr().err
+    assert "pass --dataset" in error and len(error.strip().splitlines()) == 1
 
 
 def test_cli_reports_every_bad_argument_at_once(capsys):
@@ -214,14 +230,15 @@ def test_curve_needs_a_dp_run(curve_runs, capsys):
 def test_results_json_lists_every_model_with_its_privacy_and_consistent_metrics(evaluated, curve_runs):
     results, out = evaluated
     saved = json.loads((out / evaluate_qa.RESULTS_FILE).read_text())
-    split = json.loads((curve_runs["eps2"] / "split.json").read_text())
-    n_test = len(split["splits"]["test"]["indices"])
-    assert saved["data"]["n"] == n_test == 9
+    cards, _ = clean_rows(bundled_cards()[:60])
+    spec = SplitSpec.from_json(json.loads((curve_runs["eps2"] / "adapter" / "privacy_report.json").read_text())["split"])
+    n_test = sum(assign_split(c, spec) == "test" for c in cards)
+    assert saved["data"]["n"] == n_test > 0
     assert saved["data"]["split"] == "held-out test split of eps2"
     assert [m["name"] for m in saved["models"]] == ["base", "eps2", "eps8", "nodp"]
     by_name = {m["name"]: m for m in saved["models"]}
     for name in ("eps2", "eps8"):
-        report = json.loads((curve_runs[name] / "privacy_report.json").read_text())
+        report = json.loads((curve_runs[name] / "adapter" / "privacy_report.json").read_text())
         assert by_name[name]["dp_enabled"] is True
         assert by_name[name]["epsilon"] == report["epsilon"] <= report["target_epsilon"]
         assert by_name[name]["delta"] == report["delta"]
@@ -237,11 +254,12 @@ def test_results_json_lists_every_model_with_its_privacy_and_consistent_metrics(
 def test_predictions_jsonl_holds_each_test_row_per_model_with_its_scores(evaluated, curve_runs):
     results, out = evaluated
     rows = [json.loads(line) for line in (out / evaluate_qa.PREDICTIONS_FILE).read_text().splitlines()]
-    assert len(rows) == 4 * 9
+    n_test = results["data"]["n"]
+    assert len(rows) == 4 * n_test
     assert set(rows[0]) == {"model", "question", "reference", "prediction", "em", "f1", "rougeL", "nll"}
     cards, _ = clean_rows(bundled_cards()[:60])
-    split = json.loads((curve_runs["eps2"] / "split.json").read_text())
-    test_questions = [cards[i]["input"] for i in split["splits"]["test"]["indices"]]
+    spec = SplitSpec.from_json(json.loads((curve_runs["eps2"] / "adapter" / "privacy_report.json").read_text())["split"])
+    test_questions = [c["input"] for c in cards if assign_split(c, spec) == "test"]
     for model in results["models"]:
         mine = [r for r in rows if r["model"] == model["name"]]
         assert [r["question"] for r in mine] == test_questions
@@ -249,8 +267,8 @@ def test_predictions_jsonl_holds_each_test_row_per_model_with_its_scores(evaluat
             assert r["f1"] == metrics.token_f1(r["prediction"], r["reference"])
             assert r["rougeL"] == metrics.rouge_l(r["prediction"], r["reference"])
             assert r["em"] == metrics.exact_match(r["prediction"], r["reference"])
-        assert sum(r["f1"] for r in mine) / 9 == pytest.approx(model["metrics"]["f1"])
-        assert sum(r["nll"] for r in mine) / 9 == pytest.approx(model["metrics"]["nll"])
+        assert sum(r["f1"] for r in mine) / n_test == pytest.approx(model["metrics"]["f1"])
+        assert sum(r["nll"] for r in mine) / n_test == pytest.approx(model["metrics"]["nll"])
 
 
 def test_curve_png_is_written(evaluated):
@@ -271,9 +289,10 @@ def test_offline_wandb_run_holds_the_metrics_and_the_predictions_table(evaluated
     for model in results["models"]:
         for name in evaluate_qa.METRIC_NAMES:
             assert history[f"eval/{model['name']}/{name}"] == pytest.approx(model["metrics"][name])
-    assert history["eval/predictions/nrows"] == 4 * 9 and history["eval/summary/nrows"] == 4
+    n_test = results["data"]["n"]
+    assert history["eval/predictions/nrows"] == 4 * n_test and history["eval/summary/nrows"] == 4
     table = json.loads(next(Path(run_dir).rglob("predictions_*.table.json")).read_text())
-    assert table["columns"] == ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "nll"] and len(table["data"]) == 36
+    assert table["columns"] == ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "nll"] and len(table["data"]) == 4 * n_test
     assert next(Path(run_dir).rglob("privacy_utility_*.png"), None) is not None
 
 
@@ -317,9 +336,9 @@ def test_cli_refuses_to_score_the_memorised_training_cards(memorised, capsys):
 
 
 def test_a_checkpoint_is_described_with_its_own_privacy_report_and_the_runs_split(curve_runs):
-    checkpoint = curve_runs["eps2"] / "checkpoints" / "step_000002"
+    checkpoint = curve_runs["eps2"] / "private_run_record" / "checkpoints" / "step_000002"
     run = evaluate_qa.describe_run(str(checkpoint))
-    report = json.loads((checkpoint / "privacy_report.json").read_text())
+    report = json.loads((checkpoint / "adapter" / "privacy_report.json").read_text())
     assert run["name"] == "eps2@step_000002"
-    assert run["split_path"] == str(curve_runs["eps2"] / "split.json")
+    assert run["spec"] == SplitSpec.from_json(report["split"]) and run["run_dir"] == str(curve_runs["eps2"])
     assert run["epsilon"] == report["epsilon"] and run["dp_enabled"] is True

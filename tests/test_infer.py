@@ -1,4 +1,4 @@
-"""infer.py and utils/generation.py on a tiny VaultGemma whose adapters train_dp_lora.main trains for a
+"""infer.py, utils/decoding.py and utils/run_loading.py on a tiny VaultGemma whose adapters train_dp_lora.main trains for a
 few DP steps in this module (offline, CPU). Generation-control tests script the model's next tokens
 with a forward hook, so EOS and a new "Question:" arrive exactly where the test says."""
 
@@ -17,17 +17,9 @@ import torch
 import infer
 import train_dp_lora
 from conftest import build_gemma_style_tokenizer, build_tiny_vaultgemma, bundled_cards
-from utils.generation import (
-    AdapterError,
-    AnswerStreamer,
-    GenerationSettings,
-    decode_answer,
-    describe_privacy,
-    find_run_files,
-    generate_answers,
-    load_for_inference,
-    stop_token_ids,
-)
+from utils.decoding import AnswerStreamer, GenerationSettings, decode_answer, generate_answers, stop_token_ids
+from utils.run_dir import find_adapters
+from utils.run_loading import AdapterError, describe_privacy, load_for_inference
 from utils.prompt import encode_prompt
 
 QUESTIONS = [
@@ -91,17 +83,27 @@ def _run(argv, capsys):
 # -----------------------------------------------------------------------------
 # loading and the privacy note
 
-def test_find_run_files_accepts_adapter_run_and_checkpoint_dirs(run_dir):
-    report = json.loads((run_dir / "privacy_report.json").read_text())
+def test_find_adapters_accepts_run_bundle_and_checkpoint_dirs(run_dir):
+    report = json.loads((run_dir / "adapter" / "privacy_report.json").read_text())
     for given in (run_dir, run_dir / "adapter"):
-        files = find_run_files(str(given))
-        assert files["adapter_dir"] == run_dir / "adapter" and files["run_dir"] == run_dir
-        assert files["privacy_report"] == report and files["args"] == json.loads((run_dir / "args.json").read_text())
-    checkpoint = run_dir / "checkpoints" / "step_000001"
+        found = find_adapters(str(given))
+        assert found.adapter_dir == run_dir / "adapter" and found.run_dir == run_dir
+        assert found.public_report == report and found.args == json.loads((run_dir / "private_run_record" / "args.json").read_text())
+    checkpoint = run_dir / "private_run_record" / "checkpoints" / "step_000001"
     for given in (checkpoint, checkpoint / "adapter"):
-        files = find_run_files(str(given))
-        assert files["adapter_dir"] == checkpoint / "adapter" and files["run_dir"] == checkpoint
-        assert files["privacy_report"]["steps"] == 1
+        found = find_adapters(str(given))
+        assert found.adapter_dir == checkpoint / "adapter" and found.run_dir == run_dir
+        assert found.public_report["steps_taken"] == 1
+
+
+def test_a_bundle_shared_alone_loads_and_states_its_guarantee(run_dir, base_dir, tmp_path):
+    shared = tmp_path / "shared_bundle"
+    shutil.copytree(run_dir / "adapter", shared)
+    found = find_adapters(str(shared))
+    assert found.run_dir is None and found.args is None
+    model, _, info = load_for_inference(str(shared), base_dir)
+    assert info["privacy"] == describe_privacy(json.loads((run_dir / "adapter" / "privacy_report.json").read_text()))
+    assert info["privacy"].startswith("DP-trained: epsilon <= ")
 
 
 def test_base_model_is_read_from_the_runs_args(adapted, base_dir, run_dir):
@@ -111,45 +113,49 @@ def test_base_model_is_read_from_the_runs_args(adapted, base_dir, run_dir):
     assert type(model).__name__ == "PeftModelForCausalLM"
 
 
-def test_describe_privacy_states_epsilon_delta_and_flags():
-    report = {"dp_enabled": True, "epsilon": 2.985, "delta": 1e-5, "accountant": "prv", "selected_on_private_data": False}
-    assert describe_privacy(report) == "DP-trained: epsilon 2.99, delta 1e-05 (prv accountant)"
+def test_describe_privacy_rounds_up_and_states_relation_and_threat_model(run_dir):
+    report = json.loads((run_dir / "adapter" / "privacy_report.json").read_text())
+    seeded = dict(report, epsilon=2.985, delta=1e-5, secure_mode=False, selected_on_private_data=False)
+    assert describe_privacy(seeded) == ("DP-trained: epsilon <= 2.99, delta = 1e-05 (add/remove one row; prv accountant; "
+                                        "seeded: holds only against someone who does not know the seed)")
     # printed values are upper bounds: rounded up, never down
-    assert describe_privacy(dict(report, epsilon=2.9901, delta=1 / 4680)) == "DP-trained: epsilon 3.00, delta 0.000214 (prv accountant)"
-    flagged = describe_privacy(dict(report, selected_on_private_data=True, selection={"rule": "training loss 7.1 < --save_loss_threshold 8"}))
-    assert flagged.startswith("DP-trained: epsilon 2.99") and "WARNING" in flagged and "selected on private data" in flagged
-    assert describe_privacy({"dp_enabled": False, "epsilon": math.inf, "delta": 1e-5}) == "no DP guarantee (trained with --disable_dp)"
+    secure = describe_privacy(dict(seeded, epsilon=2.99392, delta=1 / 4680, secure_mode=True))
+    assert secure == "DP-trained: epsilon <= 3.00, delta = 0.000214 (add/remove one row; prv accountant; secure randomness (OS CSPRNG))"
+    flagged = describe_privacy(dict(seeded, selected_on_private_data=True, selection="training loss 7.1 < --save_loss_threshold 8"))
+    assert flagged.startswith("DP-trained: epsilon <= 2.99") and "WARNING" in flagged and "selected on private data" in flagged
+    assert describe_privacy(dict(report, dp_enabled=False)) == "NO privacy guarantee (trained with --disable_dp)"
     assert "unknown" in describe_privacy(None)
 
 
 def test_single_question_prints_privacy_header_then_streamed_answer(run_dir, adapted, capsys):
     model, tokenizer, _ = adapted
     expected = generate_answers(model, tokenizer, QUESTIONS[:1], GREEDY)[0]
-    report = json.loads((run_dir / "privacy_report.json").read_text())
+    report = json.loads((run_dir / "adapter" / "privacy_report.json").read_text())
     code, out, err = _run(["--adapters", str(run_dir / "adapter"), "--question", QUESTIONS[0], "--max_new_tokens", "12"], capsys)
     assert code == 0, err
     header, answer = out.split("\n")[:2]
-    printed_epsilon = float(header.split("epsilon ")[1].split(",")[0])
+    printed_epsilon = float(header.split("epsilon <= ")[1].split(",")[0])
     assert report["epsilon"] <= printed_epsilon < report["epsilon"] + 0.01
-    assert header.endswith(f"DP-trained: epsilon {printed_epsilon:.2f}, delta {report['delta']:.3g} (prv accountant)")
+    assert header.endswith(f"DP-trained: epsilon <= {printed_epsilon:.2f}, delta = {report['delta']:.3g} (add/remove one row; "
+                           "prv accountant; seeded: holds only against someone who does not know the seed)")
     assert answer == expected and out == f"{header}\n{expected}\n"
 
 
 def test_checkpoint_selected_on_private_data_is_flagged(run_dir, capsys):
-    code, out, err = _run(["--adapters", str(run_dir / "checkpoints" / "step_000001"), "--question", "Why?", "--max_new_tokens", "2"], capsys)
+    code, out, err = _run(["--adapters", str(run_dir / "private_run_record" / "checkpoints" / "step_000001"), "--question", "Why?", "--max_new_tokens", "2"], capsys)
     assert code == 0, err
-    assert "WARNING: this checkpoint was selected on private data" in out.splitlines()[0]
+    assert "WARNING: checkpoint selected on private data" in out.splitlines()[0]
 
 
 def test_disable_dp_run_says_no_dp_guarantee(run_dir, tmp_path, capsys):
     nodp = tmp_path / "nodp"
     shutil.copytree(run_dir / "adapter", nodp / "adapter")
-    shutil.copy(run_dir / "args.json", nodp / "args.json")
-    report = json.loads((run_dir / "privacy_report.json").read_text())
-    (nodp / "privacy_report.json").write_text(json.dumps(dict(report, dp_enabled=False, epsilon=math.inf)))  # as training writes it
+    shutil.copytree(run_dir / "private_run_record", nodp / "private_run_record")
+    report = json.loads((run_dir / "adapter" / "privacy_report.json").read_text())
+    (nodp / "adapter" / "privacy_report.json").write_text(json.dumps(dict(report, dp_enabled=False, epsilon=None)))  # as training writes it
     code, out, err = _run(["--adapters", str(nodp), "--question", "Why?", "--max_new_tokens", "2"], capsys)
     assert code == 0, err
-    assert out.splitlines()[0].endswith("| no DP guarantee (trained with --disable_dp)")
+    assert out.splitlines()[0].endswith("| NO privacy guarantee (trained with --disable_dp)")
 
 
 def test_no_adapters_answers_with_the_base_model(base_dir, base_only, adapted, capsys):
@@ -274,7 +280,7 @@ def test_questions_file_to_output_jsonl_records_answers_and_settings(run_dir, ad
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
     assert [r["question"] for r in records] == QUESTIONS[:3]
     assert [r["answer"] for r in records] == generate_answers(model, tokenizer, QUESTIONS[:3], GREEDY)
-    report = json.loads((run_dir / "privacy_report.json").read_text())
+    report = json.loads((run_dir / "adapter" / "privacy_report.json").read_text())
     for record in records:
         assert set(record) == {"question", "instruction", "answer", "model", "privacy", "generation"}
         assert record["generation"] == dataclasses.asdict(GREEDY)

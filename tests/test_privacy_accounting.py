@@ -84,7 +84,7 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_training_run_report_matches_dp_accounting(tiny_run):
-    report = json.loads((tiny_run / "privacy_report.json").read_text())
+    report = json.loads((tiny_run / "adapter" / "privacy_report.json").read_text())
     (entry,) = report["dp_event"]["events"]
     # the recorded event is the mechanism the run executed: its q, its sigma, one composition per step
     assert entry["count"] == report["steps"] == report["planned_steps"] == 4
@@ -97,7 +97,7 @@ def test_training_run_report_matches_dp_accounting(tiny_run):
 
 
 def test_intermediate_checkpoint_report_matches_dp_accounting(tiny_run):
-    report = json.loads((tiny_run / "checkpoints" / "step_000002" / "privacy_report.json").read_text())
+    report = json.loads((tiny_run / "private_run_record" / "checkpoints" / "step_000002" / "adapter" / "privacy_report.json").read_text())
     assert report["steps"] == 2 and report["dp_event"]["events"][0]["count"] == 2
     pld, rdp = independent_epsilons(dp_accounting_event(report["dp_event"]), report["delta"])
     assert_honest(report["epsilon"], report["target_epsilon"], pld, rdp, "prv")

@@ -51,11 +51,14 @@ def test_help_exits_zero_and_shows_every_default(capsys):
 def test_run_writes_adapters_args_split_and_privacy_report_within_target(dp_run, tiny_model_dir):
     out, results = dp_run
     for name in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json", "adapter/NOTICE",
-                 "args.json", "split.json", "privacy_report.json", "all_results.json",
-                 "checkpoints/step_000002/training_state.pt", "checkpoints/step_000004/privacy_state.json"]:
+                 "adapter/privacy_report.json", "adapter/README.md", "private_run_record/README.txt",
+                 "private_run_record/args.json", "private_run_record/data_summary.json", "private_run_record/results.json",
+                 "private_run_record/checkpoints/step_000002/training_state.pt",
+                 "private_run_record/checkpoints/step_000004/privacy_record.json"]:
         assert (out / name).exists(), name
-    report = read(out / "privacy_report.json")
-    assert report["steps"] == report["planned_steps"] == 4
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "private_run_record"]
+    report = read(out / "adapter" / "privacy_report.json")
+    assert report["steps_taken"] == report["planned_steps"] == 4
     assert 0 < report["epsilon"] <= report["target_epsilon"] == 3.0
     assert report["epsilon"] == results["privacy/epsilon"]
     assert report["sampling"] == "poisson" and report["accountant"] == "prv" and report["dp_enabled"]
@@ -64,15 +67,21 @@ def test_run_writes_adapters_args_split_and_privacy_report_within_target(dp_run,
     # the noise was calibrated for exactly these 4 steps at this q
     assert report["noise_multiplier"] == pytest.approx(privacy.calibrate_noise(3.0, report["delta"], report["sample_rate"], 4, "prv"))
     assert report["epsilon_rdp"] >= report["epsilon"]
-    assert read(out / "args.json")["privacy"]["epsilon"] == 3.0
+    assert read(out / "private_run_record" / "args.json")["privacy"]["epsilon"] == 3.0
 
 
-def test_split_file_keeps_training_rows_out_of_validation_and_test(dp_run):
+def test_split_is_recomputable_from_the_bundle_and_no_per_row_record_is_stored(dp_run):
+    from conftest import bundled_cards
+    from utils.data import SplitSpec, assign_split, clean_rows
+
     out, _ = dp_run
-    splits = read(out / "split.json")["splits"]
-    train = set(splits["train"]["hashes"])
-    assert train.isdisjoint(splits["test"]["hashes"]) and train.isdisjoint(splits["validation"]["hashes"])
-    assert len(splits["test"]["indices"]) == 26 and read(out / "privacy_report.json")["n_train"] == len(train) == 468
+    report = read(out / "adapter" / "privacy_report.json")
+    cards, _ = clean_rows(bundled_cards())
+    assigned = [assign_split(c, SplitSpec.from_json(report["split"])) for c in cards]
+    summary = read(out / "private_run_record" / "data_summary.json")
+    assert report["n_train"] == summary["n_train"] == assigned.count("train")  # no row was too long here
+    assert summary["n_test"] == assigned.count("test") and summary["n_validation"] == assigned.count("validation")
+    assert all(not isinstance(v, (list, dict)) for v in summary.values())  # counts only: no indices, no hashes
 
 
 def test_adapters_load_with_plain_peft_and_change_the_model(dp_run, tiny_model_dir):
@@ -119,16 +128,17 @@ def test_resume_continues_to_the_same_adapters_and_epsilon_as_an_uninterrupted_r
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     run(tiny_model_dir, resumed, "--max_steps", "4", "--save_steps", "2",
-        "--resume_from_checkpoint", str(out / "checkpoints" / "step_000002"))
-    full, cont = read(out / "privacy_report.json"), read(resumed / "privacy_report.json")
-    assert cont["steps"] == full["steps"] == 4
+        "--resume_from_checkpoint", str(out / "private_run_record" / "checkpoints" / "step_000002"))
+    full, cont = read(out / "adapter" / "privacy_report.json"), read(resumed / "adapter" / "privacy_report.json")
+    assert cont["steps_taken"] == full["steps_taken"] == 4
+    assert cont["lineage"] == [{"resumed_at_step": 2, "secure_mode": False}] and full["lineage"] == []
     assert cont["epsilon"] == pytest.approx(full["epsilon"], rel=1e-9)
     # epsilon(2 + 2 resumed) == epsilon(4) computed from scratch
     assert cont["epsilon"] == pytest.approx(privacy.epsilon_after(4, full["noise_multiplier"], full["sample_rate"], full["delta"], "prv"), rel=1e-6)
-    state = read(resumed / "checkpoints" / "step_000004" / "privacy_state.json")
+    state = read(resumed / "private_run_record" / "checkpoints" / "step_000004" / "privacy_record.json")
     assert sum(h[2] for h in state["accountant_history"]) == 4
     a, b = adapter_tensors(out / "adapter"), adapter_tensors(resumed / "adapter")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same draws, noise and ops
 
 
 def test_resume_latest_picks_the_highest_step(dp_run, tiny_model_dir, tmp_path):
@@ -136,18 +146,50 @@ def test_resume_latest_picks_the_highest_step(dp_run, tiny_model_dir, tmp_path):
 
     out, _ = dp_run
     copy = tmp_path / "copy"
-    shutil.copytree(out / "checkpoints", copy / "checkpoints")
+    shutil.copytree(out / "private_run_record" / "checkpoints", copy / "private_run_record" / "checkpoints")
     run(tiny_model_dir, copy, "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "latest")
-    assert read(copy / "privacy_report.json")["epsilon"] == pytest.approx(read(out / "privacy_report.json")["epsilon"])
+    assert read(copy / "adapter" / "privacy_report.json")["epsilon"] == pytest.approx(read(out / "adapter" / "privacy_report.json")["epsilon"])
 
 
-@pytest.mark.parametrize("change", [["--max_grad_norm", "0.5"], ["--logical_batch_size", "8"], ["--epsilon", "8"]])
-def test_resume_with_different_clip_sample_rate_or_noise_is_refused(dp_run, tiny_model_dir, tmp_path, change):
+RESUME_CHANGES = {  # one change per key resume must refuse: the mechanism, the threat model, the split, model and LoRA
+    "max_grad_norm": ["--max_grad_norm", "0.5"], "sample_rate": ["--logical_batch_size", "8"],
+    "noise_multiplier": ["--epsilon", "8"], "delta": ["--delta", "1e-6"], "planned_steps": ["--max_steps", "5"],
+    "accountant": ["--accountant", "rdp"], "dp_enabled": ["--disable_dp"], "secure_mode": ["--secure_mode"],
+    "split": ["--test_fraction", "0.1"], "split ": ["--validation_fraction", "0.1"], "split  ": ["--train_sample_fraction", "0.9"],
+    "split   ": ["--split_seed", "1"], "max_seq_length": ["--max_seq_length", "200"], "lora": ["--lora_r", "4"],
+    "lora ": ["--lora_target_modules", "q_proj"], "seed": ["--seed", "7"],
+}
+
+
+@pytest.mark.parametrize("key", list(RESUME_CHANGES), ids=[f"{k.strip()}:{v[0]}" for k, v in RESUME_CHANGES.items()])
+def test_resume_refuses_a_change_of_mechanism_threat_model_split_model_or_lora(dp_run, tiny_model_dir, tmp_path, key, capsys):
     out, _ = dp_run
-    args = train_dp_lora.parse_args(["--model", tiny_model_dir, "--output_dir", str(tmp_path), *FAST, "--max_steps", "4",
-                                     "--resume_from_checkpoint", str(out / "checkpoints" / "step_000002"), *change])
-    with pytest.raises(train_dp_lora.cli.ArgumentErrors, match="privacy parameters differ"):
-        train_dp_lora.main(args)
+    argv = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "o"), *FAST, "--max_steps", "4",
+            "--resume_from_checkpoint", str(out / "private_run_record" / "checkpoints" / "step_000002"), *RESUME_CHANGES[key]]
+    assert train_dp_lora.cli_main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: cannot resume from") and f"{key.strip()}: checkpoint" in lines[0]
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_resume_refuses_another_dataset_and_another_model(dp_run, tiny_model_dir, tmp_path, capsys):
+    from conftest import build_tiny_vaultgemma, bundled_cards, write_cards
+    from utils.model_loading import load_tokenizer
+
+    out, _ = dp_run
+    checkpoint = str(out / "private_run_record" / "checkpoints" / "step_000002")
+    other_data = write_cards(tmp_path / "other.jsonl", bundled_cards()[1:])
+    base = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "o"), *FAST, "--max_steps", "4", "--resume_from_checkpoint", checkpoint]
+    assert train_dp_lora.cli_main([*base, "--dataset", other_data]) == 2
+    assert "dataset_fingerprint: checkpoint" in capsys.readouterr().err
+    other_model = tmp_path / "other_model"
+    tokenizer = load_tokenizer(tiny_model_dir)
+    build_tiny_vaultgemma(len(tokenizer), seed=1, intermediate_size=96).save_pretrained(other_model)
+    tokenizer.save_pretrained(other_model)
+    base[1] = str(other_model)
+    assert train_dp_lora.cli_main(base) == 2
+    assert "model: checkpoint" in capsys.readouterr().err
 
 
 def test_budget_guard_stops_before_epsilon_passes_the_target(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -155,24 +197,26 @@ def test_budget_guard_stops_before_epsilon_passes_the_target(tiny_model_dir, tmp
     honest = privacy.calibrate_noise
     monkeypatch.setattr(privacy, "calibrate_noise", lambda *a, **k: 0.6 * honest(*a, **k))
     run(tiny_model_dir, tmp_path, "--max_steps", "6", "--save_steps", "0")
-    report = read(tmp_path / "privacy_report.json")
-    assert report["stopped_by_budget"] and report["steps"] < 6
+    report = read(tmp_path / "adapter" / "privacy_report.json")
+    assert read(tmp_path / "private_run_record" / "results.json")["stopped_by_budget"] and report["steps_taken"] < 6
     assert report["epsilon"] <= 3.0
-    assert privacy.epsilon_after(report["steps"] + 1, report["noise_multiplier"], report["sample_rate"], report["delta"], "prv") > 3.0
+    assert privacy.epsilon_after(report["steps_taken"] + 1, report["noise_multiplier"], report["sample_rate"], report["delta"], "prv") > 3.0
     assert "would take epsilon past the target" in capsys.readouterr().out
 
 
 def test_loss_threshold_checkpoint_is_marked_as_selected_on_private_data(tiny_model_dir, tmp_path):
     run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--save_loss_threshold", "100")
-    selected = read(tmp_path / "checkpoints" / "step_000001" / "privacy_report.json")
-    assert selected["selected_on_private_data"] and "save_loss_threshold" in selected["selection"]["rule"]
-    assert not read(tmp_path / "privacy_report.json")["selected_on_private_data"]  # the final adapters are the last step's
+    selected = read(tmp_path / "private_run_record" / "checkpoints" / "step_000001" / "adapter" / "privacy_report.json")
+    assert selected["selected_on_private_data"] and "save_loss_threshold" in selected["selection"]
+    assert not read(tmp_path / "adapter" / "privacy_report.json")["selected_on_private_data"]  # the final adapters are the last step's
 
 
 def test_disable_dp_runs_the_same_loop_without_a_guarantee(tiny_model_dir, tmp_path):
     results = run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--disable_dp")
-    report = read(tmp_path / "privacy_report.json")
-    assert not report["dp_enabled"] and report["noise_multiplier"] == 0.0 and report["epsilon"] == float("inf")
+    report = read(tmp_path / "adapter" / "privacy_report.json")
+    assert not report["dp_enabled"] and report["noise_multiplier"] == 0.0
+    assert report["epsilon"] is None and report["delta"] is None and report["target_epsilon"] is None  # no claim at all
+    assert report["guarantee"] == "NO privacy guarantee (trained with --disable_dp)"
     assert results["steps"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -208,11 +252,11 @@ def test_wandb_offline_run_records_epsilon_and_loss(tiny_model_dir, tmp_path, mo
     train_dp_lora.main(args)
     out = capsys.readouterr().out
     assert "wandb sync" in out
-    runs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    runs = list(tmp_path.glob("private_run_record/tracking/wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     # wandb-core writes the history as protobuf records whose values are JSON text: find the logged values in it
     records = runs[0].read_bytes()
-    report = read(tmp_path / "privacy_report.json")
+    report = read(tmp_path / "adapter" / "privacy_report.json")
     assert json.dumps(report["epsilon"]).encode() in records  # the final epsilon, logged at the last step
     for key in [b"privacy/epsilon", b"privacy/delta", b"train/loss", b"train/lr"]:
         assert records.count(key) >= 2, key  # one history row per optimizer step
@@ -227,8 +271,8 @@ def test_4bit_base_trains_lora_adapters_under_dp(tiny_model_dir, tmp_path, monke
     run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--load_in_4bit")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in captured["model"].modules())
     assert all(p.dtype == torch.float32 for p in captured["model"].parameters() if p.requires_grad)
-    report = read(tmp_path / "privacy_report.json")
-    assert report["steps"] == 2 and report["epsilon"] <= 3.0
+    report = read(tmp_path / "adapter" / "privacy_report.json")
+    assert report["steps_taken"] == 2 and report["epsilon"] <= 3.0
     assert any(v.abs().sum() > 0 for k, v in adapter_tensors(tmp_path / "adapter").items() if "lora_B" in k)
 
 
@@ -245,7 +289,7 @@ def test_tensorboard_tracker_records_epsilon_per_step(tiny_model_dir, tmp_path):
         for tag in accumulator.Tags()["scalars"]:
             scalars[tag] = [event.value for event in accumulator.Scalars(tag)]
     assert len(scalars["privacy/epsilon"]) == 2 and scalars["privacy/epsilon"][0] < scalars["privacy/epsilon"][1]
-    assert scalars["privacy/epsilon"][1] == pytest.approx(read(tmp_path / "privacy_report.json")["epsilon"], rel=1e-6)
+    assert scalars["privacy/epsilon"][1] == pytest.approx(read(tmp_path / "adapter" / "privacy_report.json")["epsilon"], rel=1e-6)
     assert len(scalars["train/loss"]) == 2
 
 

@@ -42,7 +42,6 @@ import urllib.request
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from utils.cli import UserError
 
 EMBEDDED_MODEL = "gemma3-270m"  # short name for the offline embedded default
@@ -51,6 +50,24 @@ KAGGLE_PREFIX = "kaggle:"
 PAD_TOKEN = "<pad>"
 PROBE_TIMEOUT_S = 3.0  # how long a reachability probe may take before we call the host unreachable
 OFFLINE_ALTERNATIVE = f"use --model {EMBEDDED_MODEL} (embedded, works offline), a local model directory, or a .gguf file"
+
+
+def silence_library_noise() -> None:
+    """Quiet what libraries print on every run that is not a problem of this run.
+
+    - bitsandbytes on an AVX512-bf16 CPU tries to fetch an optional gemm kernel from the hub and logs a
+      "pip install kernels" warning when it cannot; offline it never could, and its built-in kernel runs.
+    - transformers' per-file "Loading weights" progress bars.
+    - peft calls transformers' deprecated is_gradient_checkpointing (a FutureWarning about their code).
+    """
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 class ModelLoadError(UserError):
@@ -275,6 +292,8 @@ def _embedded_model_dir() -> Path:
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     # build everything in a temp dir beside the cache, then rename: a killed run never leaves half a cache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     with tempfile.TemporaryDirectory(dir=cache_dir.parent, prefix=building_prefix) as work:
         work = Path(work)
         gguf_path = embedded_gguf.assemble(work / embedded_gguf.MODEL_NAME)  # sha256-checked
@@ -325,6 +344,9 @@ def _configure_tokenizer(tokenizer) -> None:
 
 def load_tokenizer(model: str):
     """Tokenizer for `model`: right padding, BOS added, pad distinct from EOS (see module docstring)."""
+    from transformers import AutoTokenizer
+
+    silence_library_noise()
     source = resolve_model_source(model)
 
     def load(path, gguf_file=None, local_files_only=True):
@@ -363,6 +385,9 @@ def load_base_model(
     device: str | torch.device | None = None,
 ):
     """Frozen, eval-mode causal LM with eager attention, on `device` in `dtype` (see module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    silence_library_noise()
     device = torch.device(device) if device is not None else _default_device()
     dtype = dtype or default_compute_dtype(device)
     source = resolve_model_source(model)

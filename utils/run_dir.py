@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,27 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class RunDirError(UserError):
     """A one-line, user-facing problem with a run directory."""
+
+
+# -----------------------------------------------------------------------------
+# test-only crash points
+
+# TEST ONLY (tests/test_kill_recovery.py): when DP_LORA_TEST_KILL_AT names a crash point, the process
+# kills itself with SIGKILL there, to check that a kill -9 at that moment leaves a consistent run.
+# Read once at import; unset (always, outside that test) each crash point is one comparison with None.
+_KILL_AT = os.environ.get("DP_LORA_TEST_KILL_AT") or None
+
+
+def crash_point(name: str) -> None:
+    """Test-only: kill -9 this process if DP_LORA_TEST_KILL_AT == name; otherwise nothing."""
+    if _KILL_AT is not None and name == _KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _crash_name(path: Path) -> str:
+    """`step_000004/privacy_record.json` for a file inside the temporary of an atomic directory."""
+    parent = path.parent.name
+    return f"{parent[1:].split('.tmp-')[0]}/{path.name}" if parent.startswith(".") and ".tmp-" in parent else path.name
 
 
 # -----------------------------------------------------------------------------
@@ -93,6 +115,8 @@ def write_json_atomic(path, data) -> None:
             handle.write(json.dumps(data, indent=2) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        if _KILL_AT is not None:
+            crash_point(f"{_crash_name(path)}:before_rename")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -121,9 +145,11 @@ def atomic_directory(final_path, write) -> Path:
     try:
         write(tmp)
         _fsync_tree(tmp)
+        crash_point(f"{final_path.name}:before_rename")
         if final_path.exists():
             old = final_path.with_name(f".{final_path.name}.old-{os.getpid()}")
             os.replace(final_path, old)  # a kill here leaves no final_path: readers fall back to a checkpoint
+            crash_point(f"{final_path.name}:old_moved")
             os.replace(tmp, final_path)
             shutil.rmtree(old, ignore_errors=True)
         else:

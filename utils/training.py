@@ -36,6 +36,9 @@ def compute_dtype(dtype: str, mixed_precision: str, device) -> torch.dtype:
 def build_lora_model(model_name: str, lora: LoraArguments, tokenizer, device, *, dtype: torch.dtype,
                      load_in_4bit: bool = False):
     """The frozen base with LoRA adapters on `lora.lora_target_modules`; adapter weights in fp32."""
+    from utils.model_loading import silence_library_noise
+
+    silence_library_noise()  # before peft imports bitsandbytes
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from utils.model_loading import ModelLoadError, load_base_model
