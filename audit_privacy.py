@@ -55,8 +55,6 @@ Run
         --model gemma3-270m --dataset bundled --disable_dp --num_train_epochs 5 --report_to none
 """
 
-import copy
-import dataclasses
 import json
 import math
 import random
@@ -170,7 +168,7 @@ def make_canaries(a: AuditArguments, instruction: str, real_hashes: set, real_qu
     for canary in canaries:
         canary["rows"] = [card_of(canary, instruction, j) for j in range(canary["copies"])]
         if any(row_hash(row) in real_hashes for row in canary["rows"]):
-            raise DataError(f"canary {canary['question']!r} collides with a real row")
+            raise AuditError(f"canary {canary['question']!r} collides with a real row")
     return canaries
 
 
@@ -332,9 +330,9 @@ def main(args) -> dict:
         canary.update(loss_finetuned=ft, loss_base=base, score=ft - base, exposure=exposure(ft, alts))
     audit = [c for c in canaries if c["kind"] == "audit"]
     scores, included = [c["score"] for c in audit], [c["included"] for c in audit]
+    delta = report["delta"] if report["dp_enabled"] else train.privacy.delta or 1e-5  # the bound needs some delta
     bound = one_run_bound(scores, included, delta, a.confidence, a.guess_fractions)
     reported = report["epsilon"] if report["dp_enabled"] else None
-    delta = report["delta"] if report["dp_enabled"] else train.privacy.delta or 1e-5  # the bound needs some delta
 
     def mean_exposure(group):
         return float(np.mean([c["exposure"] for c in group])) if group else None

@@ -80,7 +80,6 @@ import os
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,7 +216,7 @@ TINY_PRESET = {
     ("check", "threads"): 1,  # tiny matrices: more threads only wait for each other on a shared CPU
     **{("model", k): v for k, v in offline_model.TINY.as_dict().items()},
     ("model", "tokenizer_vocab_size"): offline_model.TINY.vocab_size,
-    ("correctness", "rows"): 3, ("correctness", "max_row_tokens"): 48, ("correctness", "fourbit_steps"): 4,
+    ("correctness", "rows"): 3, ("correctness", "max_row_tokens"): 64, ("correctness", "fourbit_steps"): 4,
     ("step", "seq_lens"): [16], ("step", "warmup_steps"): 0, ("step", "steps"): 1, ("step", "search_start_tokens"): 32,
     ("step", "max_batch_size"): 4, ("step", "cpu_memory_mib"): 4.0,
     ("generate", "gen_batch_sizes"): [1, 4], ("generate", "gen_min_questions"): 4, ("generate", "gen_max_new_tokens"): 4,
@@ -607,6 +606,7 @@ def part_correctness(ctx, clock) -> dict:
         with dropout_off(model):
             batch, singles = card_batch(ctx, k.rows, k.max_row_tokens)
             B = batch["input_ids"].shape[0]
+            result["rows"] = B
             result["row_lengths"] = [int(s["input_ids"].shape[1]) for s in singles]
             loop = []
             for single in singles:  # the brute-force reference: one unpadded row at a time, no hooks

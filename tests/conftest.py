@@ -134,3 +134,32 @@ def write_cards(path: Path, cards: list[dict]) -> str:
 def small_cards_file(tmp_path) -> str:
     """60 short bundled flashcards as JSONL."""
     return write_cards(tmp_path / "cards.jsonl", bundled_cards()[:60])
+
+
+TINY_RUN = ["--logical_batch_size", "8", "--per_device_train_batch_size", "8", "--eval_steps", "0", "--report_to", "none",
+            "--epsilon", "3", "--max_steps", "2", "--save_steps", "1"]
+
+
+@pytest.fixture(scope="session")
+def train_run(tiny_model_dir, tmp_path_factory):
+    """Factory: train_dp_lora.main on the tiny model from overrides (later flags win); returns OUT.
+
+    Runs are cached per (dataset, overrides) for the session, so tests that only read a run share it.
+    Defaults: 60 bundled cards, 2 DP steps at epsilon 3, a checkpoint every step, no tracker.
+    """
+    import train_dp_lora
+
+    cache = {}
+
+    def make(*overrides, dataset=None):
+        key = (dataset, overrides)
+        if key not in cache:
+            root = tmp_path_factory.mktemp("run")
+            source = dataset or write_cards(root / "cards.jsonl", bundled_cards()[:60])
+            out = root / "out"
+            train_dp_lora.main(train_dp_lora.parse_args(
+                ["--model", tiny_model_dir, "--dataset", source, "--output_dir", str(out), *TINY_RUN, *overrides]))
+            cache[key] = out
+        return cache[key]
+
+    return make

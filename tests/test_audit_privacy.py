@@ -22,8 +22,8 @@ from conftest import bundled_cards, build_tiny_vaultgemma, write_cards
 
 NUM_CANARIES, REAL_ROWS = 96, 10
 FAST_AUDIT = ["--num_canaries", str(NUM_CANARIES), "--secret_length", "6", "--exposure_alternatives", "20", "--canary_repeats", "3",
-              "--num_repeated_canaries", "1", "--seed", "0"]
-FAST_TRAIN = ["--max_train_samples", str(REAL_ROWS), "--logical_batch_size", "8", "--per_device_train_batch_size", "16",
+              "--num_repeated_canaries", "1", "--num_real_rows", str(REAL_ROWS), "--seed", "0"]
+FAST_TRAIN = ["--logical_batch_size", "8", "--per_device_train_batch_size", "16",
               "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--warmup_ratio", "0", "--eval_steps", "0",
               "--save_steps", "0", "--report_to", "none"]
 
@@ -120,9 +120,9 @@ def read_jsonl(path):
 def test_audit_without_dp_finds_a_large_lower_bound(audit_setup, capsys):
     out, result = run_audit(audit_setup, "no_dp", "--disable_dp", "--num_train_epochs", "30", "--learning_rate", "0.01")
     assert result["reported_epsilon"] is None and not result["dp_enabled"]
-    # Design runs (audit seeds 0-7 with training seeds 100-107, 1 thread): bound SEEDRANGE, AUC AUCRANGE, exposure
-    # inserted once EXPINRANGE bits vs never inserted EXPOUTRANGE (max measurable 4.39); 0 of the 48 extreme guesses wrong.
-    # The thresholds sit below the worst seed: the bound by 1.4 (6 wrong of 48), the AUC by 0.09, exposure by 1.5 bits.
+    # Design runs (audit seeds 0-7 with training seeds 100-107, 1 thread): bound 2.41-2.46, AUC 0.994-1.0,
+    # exposure inserted once 4.38-4.39 bits vs never inserted 0.81-1.68 (max measurable 4.39); 0 of the 48 extreme guesses
+    # wrong. The thresholds sit below the worst seed: the bound by 1.4 (6 of 48 wrong), the AUC by 0.09, exposure by 1.7 bits.
     assert result["epsilon_lower_bound"] > 1.0
     assert result["attack"]["auc"] > 0.9
     exposure = result["exposure"]
@@ -145,7 +145,7 @@ def test_audit_without_dp_finds_a_large_lower_bound(audit_setup, capsys):
 @pytest.mark.numerics
 def test_audit_with_dp_stays_at_or_below_the_reported_epsilon(audit_setup):
     # the theorem: a (1, delta)-DP run exceeds bound 1 with probability <= 5%; this weak attack on 6 noisy steps
-    # DPBOUNDS
+    # finds bound 0.0 for audit seeds 0-5 (training seeds 100-105), at most 17 of 24 extreme guesses right (1.0 needs 23)
     _, result = run_audit(audit_setup, "dp", "--epsilon", "1", "--max_steps", "6", "--learning_rate", "0.03")
     assert result["dp_enabled"] and 0 < result["reported_epsilon"] <= 1.0
     assert result["epsilon_lower_bound"] <= result["reported_epsilon"]

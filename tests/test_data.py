@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import bundled_cards, write_cards
 from utils import data
@@ -77,25 +78,62 @@ def test_uncached_hub_dataset_fails_fast_offline_naming_the_bundled_sample(monke
     assert time.time() - start < 15
 
 
-def test_split_is_deterministic_disjoint_and_complete():
-    first = data.split_rows(100, 0.1, 0.2, seed=7)
-    assert first == data.split_rows(100, 0.1, 0.2, seed=7)
-    assert first != data.split_rows(100, 0.1, 0.2, seed=8)
-    assert (len(first["test"]), len(first["validation"]), len(first["train"])) == (20, 10, 70)
-    assert sorted(first["test"] + first["validation"] + first["train"]) == list(range(100))
+def test_split_is_deterministic_disjoint_complete_and_near_its_fractions():
+    cards, _ = data.clean_rows(bundled_cards())
+    spec = data.SplitSpec(seed=7, validation_fraction=0.1, test_fraction=0.2)
+    first = data.split_cards(cards, spec)
+    assert first == data.split_cards(cards, spec)
+    assert first != data.split_cards(cards, data.SplitSpec(seed=8, validation_fraction=0.1, test_fraction=0.2))
+    assert sorted(first["test"] + first["validation"] + first["train"] + first["unsampled"]) == list(range(len(cards)))
+    assert first["unsampled"] == []
+    # each row is an independent keyed-hash coin: counts are Binomial(n, p). The bound is 5 standard
+    # deviations (false failure < 1e-6 for any honest hash); a hash that ignored the fraction misses by ~n p.
+    n = len(cards)
+    for name, p in (("test", 0.2), ("validation", 0.1), ("train", 0.7)):
+        assert abs(len(first[name]) - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, name
 
 
-def test_load_split_returns_the_recorded_rows_and_rejects_a_changed_dataset(tmp_path):
-    cards = bundled_cards()[:30]
-    path = write_cards(tmp_path / "cards.jsonl", cards)
-    split = data.split_rows(len(cards), 0.1, 0.1, seed=1)
-    record = data.split_record(path, cards, split, 1, {})
-    (tmp_path / "split.json").write_text(json.dumps(record))
-    rows, _ = data.load_split(str(tmp_path / "split.json"), "test")
-    assert rows == [cards[i] for i in split["test"]]
-    write_cards(tmp_path / "cards.jsonl", cards[:-1])
-    with pytest.raises(data.DataError, match="differs"):
-        data.load_split(str(tmp_path / "split.json"), "test")
+SPLIT_FLAGS = {
+    "defaults": dict(seed=0, validation_fraction=0.05, test_fraction=0.05),
+    "validation_fraction": dict(seed=0, validation_fraction=0.3, test_fraction=0.05),
+    "test_fraction": dict(seed=0, validation_fraction=0.05, test_fraction=0.4),
+    "no_held_out": dict(seed=0, validation_fraction=0.0, test_fraction=0.0),
+    "train_sample_fraction": dict(seed=0, validation_fraction=0.05, test_fraction=0.05, train_sample_fraction=0.5),
+    "split_seed": dict(seed=123, validation_fraction=0.1, test_fraction=0.1),
+}
+
+
+def training_set(path, spec) -> set:
+    cards, _ = data.clean_rows(data.read_rows(path))
+    return {data.row_hash(cards[i]) for i in data.split_cards(cards, spec)["train"]}
+
+
+@pytest.mark.parametrize("flags", list(SPLIT_FLAGS))
+def test_adding_or_removing_one_source_row_changes_the_training_set_by_at_most_that_row(tmp_path, flags):
+    spec = data.SplitSpec(**SPLIT_FLAGS[flags])
+    rows = bundled_cards()[:120]
+    original = training_set(write_cards(tmp_path / "d.jsonl", rows), spec)
+    new_row = {"instruction": "Answer this question truthfully", "input": "What does the tricuspid valve separate?",
+               "output": "The right atrium from the right ventricle."}
+    for position in (0, 37, 119):
+        removed = rows[position]
+        without = training_set(write_cards(tmp_path / "d.jsonl", rows[:position] + rows[position + 1:]), spec)
+        assert original - without <= {data.row_hash(removed)} and without <= original, (flags, position)
+        with_new = training_set(write_cards(tmp_path / "d.jsonl", rows[:position] + [new_row] + rows[position:]), spec)
+        assert with_new - original <= {data.row_hash(new_row)} and original <= with_new, (flags, position)
+    # the old positional split (a seeded permutation of row indices) fails this by tens of rows: the property is not vacuous
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    order_without = torch.randperm(len(rows) - 1, generator=torch.Generator().manual_seed(0)).tolist()
+    positional = {data.row_hash(rows[i]) for i in order[12:]}
+    positional_without = {data.row_hash((rows[:37] + rows[38:])[i]) for i in order_without[12:]}
+    assert len(positional - positional_without) > 1
+
+
+def test_split_follows_the_normalised_content_not_case_or_spacing():
+    spec = data.SplitSpec(seed=0, validation_fraction=0.3, test_fraction=0.3)
+    card = {"instruction": "x", "input": "What is insulin?", "output": "A hormone."}
+    variant = {"instruction": "y", "input": "what  is INSULIN?", "output": "a hormone."}
+    assert data.assign_split(card, spec) == data.assign_split(variant, spec)
 
 
 def test_labels_mask_the_prompt_and_end_with_eos(tiny_tokenizer):

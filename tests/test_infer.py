@@ -5,14 +5,12 @@ with a forward hook, so EOS and a new "Question:" arrive exactly where the test 
 import dataclasses
 import io
 import json
-import math
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import infer
 import train_dp_lora

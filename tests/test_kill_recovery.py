@@ -22,6 +22,7 @@ import torch
 
 import train_dp_lora
 from conftest import REPO, bundled_cards, write_cards
+from utils import privacy
 from utils.run_dir import RunDir
 
 STEPS, SAVE_STEPS = 4, 2  # checkpoints at steps 2 and 4; step 4 is written twice (by the loop, then by finish)
@@ -111,23 +112,42 @@ def assert_consistent(out: Path) -> list[str]:
     return temporaries
 
 
+@pytest.fixture(scope="module", autouse=True)
+def memoized_accounting():
+    """In this process, each epsilon is computed once (pure functions of the history and delta): the in-process
+    runs calibrate and account exactly as the subprocesses do, without paying seconds of accountant time each."""
+    def memoize(function, key):
+        cache = {}
+        return lambda *args: cache[key(*args)] if key(*args) in cache else cache.setdefault(key(*args), function(*args))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(privacy, "accountant_epsilon", memoize(privacy.accountant_epsilon, lambda acc, delta: (
+            acc.mechanism(), tuple(tuple(h) for h in acc.history), delta)))
+        patch.setattr(train_dp_lora, "replace_one_epsilon", memoize(train_dp_lora.replace_one_epsilon, lambda history, delta: (
+            tuple(tuple(h) for h in history), delta)))
+        yield
+
+
 @pytest.fixture(scope="module")
 def cards(tmp_path_factory) -> str:
     return write_cards(tmp_path_factory.mktemp("cards") / "cards.jsonl", bundled_cards()[:60])
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, cards, tmp_path_factory):
-    """Every scenario's killed run (two subprocesses at a time) and, meanwhile, the uninterrupted reference."""
+def runs(request, tiny_model_dir, cards, tmp_path_factory):
+    """The selected scenarios' killed runs (two subprocesses at a time) and, meanwhile, the uninterrupted reference."""
+    selected = [name for name in SCENARIOS if any(
+        item.module is request.module and getattr(item, "callspec", None) and item.callspec.params.get("name") == name
+        for item in request.session.items)]
     root = tmp_path_factory.mktemp("kills")
-    outs = {name: root / name for name in SCENARIOS}
+    outs = {name: root / name for name in selected}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        codes = {name: pool.submit(run_killed, run_args(tiny_model_dir, cards, outs[name]), kill_at, root / f"{name}.log")
-                 for name, (kill_at, *_) in SCENARIOS.items()}
+        codes = {name: pool.submit(run_killed, run_args(tiny_model_dir, cards, outs[name]), SCENARIOS[name][0],
+                                   root / f"{name}.log") for name in selected}
         reference = root / "reference"
         assert run_in_process(run_args(tiny_model_dir, cards, reference)) == 0
         codes = {name: future.result() for name, future in codes.items()}
-    logs = {name: (root / f"{name}.log").read_text(errors="replace")[-3000:] for name in SCENARIOS}
+    logs = {name: (root / f"{name}.log").read_text(errors="replace")[-3000:] for name in selected}
     return reference, outs, codes, logs
 
 
@@ -144,7 +164,11 @@ def assert_same_as_reference(out: Path, reference: Path) -> None:
     assert json.loads(RunDir(out).results_file.read_text())["steps"] == STEPS
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+# The replace window of a checkpoint and the kill after the bundle add ~25 s of CPU: with the slow tests (-m slow).
+EXTRA = {"checkpoint_replace", "results_write"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if name in EXTRA else []) for name in SCENARIOS])
 def test_kill_leaves_a_consistent_run_that_resumes_to_the_same_adapters(name, runs, tiny_model_dir, cards, capsys):
     reference, outs, codes, logs = runs
     kill_at, latest, temporaries, bundle = SCENARIOS[name]

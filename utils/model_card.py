@@ -28,7 +28,7 @@ def _yaml_list(items) -> str:
 def model_card(record: PrivacyRecord, base_model: str, lora: dict, split: dict) -> str:
     hub_id = hub_base_model(base_model)
     tags = ["differential-privacy", "dp-sgd", "lora", "peft", "medical", "opacus", "text-generation"]
-    metadata = (f"---\n" + (f"base_model: {hub_id}\n" if hub_id else "") +
+    metadata = ("---\n" + (f"base_model: {hub_id}\n" if hub_id else "") +
                 f"library_name: peft\nlicense: gemma\npipeline_tag: text-generation\ntags:{_yaml_list(tags)}\n---\n")
     if record.dp_enabled:
         guarantee = (f"({format_epsilon(record.epsilon)}, {format_delta(record.delta)})-differential privacy "

@@ -53,14 +53,16 @@ class PrivacyBudgetError(UserError):
 
 def accountant_epsilon(accountant, delta: float) -> float:
     """accountant.get_epsilon(delta), with the wide RDP orders for the RDP accountant."""
-    if getattr(accountant, "mechanism", lambda: "")() == "rdp":
-        import warnings
+    import warnings
 
-        with warnings.catch_warnings():
-            # past order 16384 only runs of a step or two at tiny q still gain; the value stays an upper bound
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with warnings.catch_warnings():
+        # Opacus's PRV accountant sizes its domain with an RDP bound at its default orders, which warns at
+        # small epsilon; only that size, not the PRV epsilon, depends on it. For our own RDP value, past
+        # order 16384 only runs of a step or two at tiny q still gain, and the value stays an upper bound.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        if getattr(accountant, "mechanism", lambda: "")() == "rdp":
             return accountant.get_epsilon(delta, alphas=RDP_ORDERS)
-    return accountant.get_epsilon(delta)
+        return accountant.get_epsilon(delta)
 
 
 def epsilon_after(steps: int, noise_multiplier: float, sample_rate: float, delta: float, accountant: str) -> float:
