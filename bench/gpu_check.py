@@ -26,7 +26,7 @@ Contract
       measurement): nonprivate, dp_<mode>, notebook (the public notebook's Opacus GradSampleModule +
       HF loss), hf_nonprivate (model(input_ids, attention_mask, labels=...), full logits, rows padded
       to max(T, --hf_pad_to)). The largest physical batch each arm fits is searched (two probes, a
-      linear fit of peak memory in B, then the prediction tried and backed off: kept below
+      linear fit of peak memory in B, the prediction tried, bisection if it does not fit; kept below
       --memory_fraction of the GPU; on CPU below --cpu_memory_mib). Measured groups: A = nonprivate +
       every dp_<mode> at the largest B all of them fit; B = nonprivate, dp_<default>, notebook,
       hf_nonprivate at the largest B all four fit. Per arm: seconds per step (median of --steps
@@ -58,8 +58,8 @@ Contract
   B); batched generation at batch 16 >= 8x the answer tokens/s of batch 1; the DP step's MFU.
 - Output in --output_dir: gpu_check.json (everything) and gpu_check.md (the tables); a one-screen
   summary on stdout at the end.
-- --tiny: tiny shapes and sizes for CPU (every part in well under a minute); the flags it changes are
-  those still at their defaults (TINY_PRESET). tests/test_gpu_check.py runs that in-process.
+- --tiny: tiny shapes and sizes for CPU (every part in well under a minute); it changes only flags not
+  given on the command line (TINY_PRESET). tests/test_gpu_check.py runs that in-process.
 
 Run
     # on the GPU machine, from the repository root (bench/GPU_CHECK.md: the exact one-call command)
@@ -73,6 +73,7 @@ import contextlib
 import dataclasses
 import gc
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -124,6 +125,7 @@ LOSS_BUDGET_ULPS = 2.0
 # Noise 0: p.grad is the clipped mean the hand computation gives; both in fp32 from the same per-sample
 # gradients, differing in summation order over B rows and the norm's reduction: 64 fp32 ulps.
 CLIP_BUDGET_ULPS = 64.0
+SEARCH_SHARE = 0.4  # of each sequence length's time in part 2 that the batch search may take
 
 
 @dataclass
@@ -140,9 +142,9 @@ class CheckArguments:
 
 @dataclass
 class LimitArguments:
-    correctness_s: float = field(default=60.0, metadata={"help": "time limit of part 1"})
-    step_s: float = field(default=180.0, metadata={"help": "time limit of part 2"})
-    generate_s: float = field(default=60.0, metadata={"help": "time limit of part 3"})
+    correctness_s: float = field(default=45.0, metadata={"help": "time limit of part 1"})
+    step_s: float = field(default=200.0, metadata={"help": "time limit of part 2 (shared equally by the --seq_lens)"})
+    generate_s: float = field(default=55.0, metadata={"help": "time limit of part 3"})
     end_to_end_s: float = field(default=120.0, metadata={"help": "time limit of part 4"})
 
 
@@ -231,7 +233,10 @@ class CheckError(cli.UserError if hasattr(cli, "UserError") else ValueError):
 
 def parse_args(argv=None):
     parser = cli.build_parser(__doc__.split("\n\n")[0], GROUPS, config_flag=False)
-    return cli.parse_into(parser, GROUPS, argv)
+    args = cli.parse_into(parser, GROUPS, argv)
+    tokens = sys.argv[1:] if argv is None else list(argv)
+    args.given = sorted({t[2:].split("=", 1)[0] for t in tokens if t.startswith("--")})  # flags --tiny must not change
+    return args
 
 
 def _default(group_cls, name):
@@ -242,9 +247,10 @@ def _default(group_cls, name):
 def apply_tiny(args) -> None:
     if not args.check.tiny:
         return
+    given = set(getattr(args, "given", ()))
     for (group, name), value in TINY_PRESET.items():
         holder = getattr(args, group)
-        if getattr(holder, name) == _default(type(holder), name):
+        if name not in given and getattr(holder, name) == _default(type(holder), name):
             setattr(holder, name, value)
 
 
@@ -335,16 +341,23 @@ def check_environment(device_flag: str) -> dict:
         found[dist] = version
         if minimum and version != "?" and _version_tuple(version) < _version_tuple(minimum):
             missing.append(f"missing: {dist} >= {minimum} (needed for {why}); found {version}")
-    for module, dist, why in OPTIONAL:
+    for module, dist, why in OPTIONAL:  # found, not imported: each is imported where it is used, and its part reports a failure
         try:
-            found[dist] = getattr(importlib.import_module(module), "__version__", "?")
-        except Exception as error:
-            optional_missing[dist] = f"{dist} (for {why}): {type(error).__name__}: {error}".splitlines()[0]
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            optional_missing[dist] = f"{dist} (for {why}): not installed"
+            continue
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = "?"
     if "transformers" in found:
         try:
             from transformers import VaultGemmaConfig, VaultGemmaForCausalLM  # noqa: F401
-        except ImportError:
-            missing.append(f"missing: transformers with VaultGemma (found {found['transformers']}, which has no VaultGemmaForCausalLM)")
+        except ImportError as error:
+            missing.append(f"missing: transformers with VaultGemma (found {found['transformers']}): {_one_line(error)}")
     if "torch" in found:
         import torch
 
@@ -821,7 +834,7 @@ def _round_batch(b: int) -> int:
 
 
 def search_batch(ctx, model, params, name: str, seq_len: int, clock) -> dict:
-    """The largest B whose step fits: two probes, a linear fit of peak(B), then the prediction tried and backed off."""
+    """The largest B whose step fits: two probes, a linear fit of peak(B), the prediction tried, then bisection below it."""
     s = ctx.args.step
     probes = []
 
@@ -847,15 +860,19 @@ def search_batch(ctx, model, params, name: str, seq_len: int, clock) -> dict:
             best = b2
             slope = max((p2 - p1) / (b2 - b1), 1.0)
             predicted = _round_batch(min(s.max_batch_size, b2 + int((free_bytes(ctx) - p2) / slope)))
-            candidate = predicted
-            for _ in range(3):
-                if candidate <= best or clock.expired():
+            lo, hi, candidate = best, None, predicted  # lo fits; hi (once known) does not
+            for _ in range(5):
+                if candidate <= lo or clock.expired():
                     break
                 ok, _ = attempt(candidate)
-                if ok:
-                    best = candidate
+                if ok and hi is None:  # the prediction itself fits: peak memory is linear in B, so that is the limit
+                    lo = candidate
                     break
-                candidate = _round_batch(best + int((candidate - best) * 0.8))
+                lo, hi = (candidate, hi) if ok else (lo, candidate)
+                if hi - lo <= max(8, lo // 20):
+                    break
+                candidate = _round_batch((lo + hi) // 2)
+            best = lo
     return {"max_batch_size": best, "predicted": predicted, "probes": probes}
 
 
@@ -877,33 +894,39 @@ def part_step(ctx, clock) -> dict:
     out["memory_method"] = bench_step.MEMORY_METHOD[ctx.device.type]
     out["matmul_ceiling"] = matmul_ceiling(ctx)
     ctx.write()
-    for seq_len in s.seq_lens:
-        entry = {"seq_len": seq_len, "batch_search": {}, "groups": {}}
+    for index, seq_len in enumerate(s.seq_lens):
+        share = Clock(clock.left() / (len(s.seq_lens) - index))  # this T's share of the time left
+        search_clock = Clock(share.limit_s * SEARCH_SHARE)
+        entry = {"seq_len": seq_len, "time_share_s": share.limit_s, "batch_search": {}, "groups": {}}
         out["results"].append(entry)
-        for name in project_arms + reference_arms:
-            if clock.expired():
-                entry["batch_search"][name] = {"status": "skipped: time limit"}
+        # the arms every goal needs first, so a search cut short still leaves both groups something to measure
+        order = ["nonprivate", f"dp_{default}"] + reference_arms + [f"dp_{m}" for m in modes if m != default]
+        for name in order:
+            if search_clock.expired():
+                entry["batch_search"][name] = {"status": "skipped: time limit", "max_batch_size": 0}
                 continue
-            entry["batch_search"][name] = search_batch(ctx, model, params, name, seq_len, clock)
+            entry["batch_search"][name] = search_batch(ctx, model, params, name, seq_len, search_clock)
             ctx.write()
         found = {n: r.get("max_batch_size", 0) for n, r in entry["batch_search"].items()}
-        b_a = min((found.get(n, 0) for n in project_arms), default=0)
-        b_b = min([b_a] + [found.get(n, 0) for n in reference_arms])
-        for group, names, batch_size in (("A", project_arms, b_a), ("B", ["nonprivate", f"dp_{default}"] + reference_arms, b_b)):
-            if clock.expired() or batch_size < 1:
-                entry["groups"][group] = {"status": "skipped: time limit" if clock.expired() else "skipped: an arm fits no batch"}
+        arms_a = [n for n in project_arms if found.get(n, 0) >= 1]
+        arms_b = [n for n in ["nonprivate", f"dp_{default}"] + reference_arms if found.get(n, 0) >= 1]
+        b_a = min((found[n] for n in arms_a), default=0)
+        b_b = min([b_a] + [found[n] for n in arms_b])
+        groups = (("A", arms_a, [m for m in modes if f"dp_{m}" in arms_a], b_a),
+                  ("B", arms_b, [default] if f"dp_{default}" in arms_b else [], b_b))
+        for group, names, group_modes, batch_size in groups:
+            if share.expired() or batch_size < 1 or "nonprivate" not in names or not group_modes:
+                entry["groups"][group] = {"status": "skipped: time limit" if share.expired() else "skipped: too few arms fit a batch"}
                 continue
-            entry["groups"][group] = measure_group(ctx, model, params, names, modes if group == "A" else [default], batch_size, seq_len, clock)
+            entry["groups"][group] = measure_group(ctx, model, params, names, group_modes, batch_size, seq_len, share)
             ctx.write()
         group_a = entry["groups"].get("A", {})
-        if group_a.get("arms") and not clock.expired():
+        if group_a.get("arms") and f"dp_{default}" in group_a["arms"] and not share.expired():
             entry["dp_phases"] = phases(ctx, model, params, group_a["batch_size"], seq_len, default)
             entry["mfu_limits"] = mfu_limits(entry, out["matmul_ceiling"], s.peak_tflops, default)
             if "dp_step_s_per_example" not in ctx.notes:
-                arm = group_a["arms"].get(f"dp_{default}")
-                if arm:
-                    ctx.notes["dp_step_s_per_example"] = arm["median_s"] / group_a["batch_size"]
-                    ctx.notes["dp_batch_size"] = group_a["batch_size"]
+                ctx.notes["dp_step_s_per_example"] = group_a["arms"][f"dp_{default}"]["median_s"] / group_a["batch_size"]
+                ctx.notes["dp_batch_size"] = group_a["batch_size"]
         ctx.write()
     out["status"] = "ok" if all(g.get("arms") for r in out["results"] for g in r["groups"].values()) and len(out["results"]) == len(s.seq_lens) \
         else "partial"
@@ -1169,7 +1192,7 @@ def part_end_to_end(ctx, clock) -> dict:
         out["status"] = "failed: train_dp_lora.py " + ("timed out" if train["timed_out"] else f"exited {train['rc']}")
         return out
     infer_cmd = [python, "infer.py", "--adapters", str(run_dir), "--question", e.e2e_question, "--max_new_tokens", str(e.e2e_max_new_tokens)]
-    shim = importlib.util.find_spec("evaluate") is None
+    shim = any(importlib.util.find_spec(name) is None for name in ("evaluate", "datasets", "pyarrow", "pandas"))  # what `import evaluate` needs
     eval_dir = ctx.work / "e2e_eval"
     eval_cmd = [python, "evaluate_qa.py", "--adapters", str(run_dir), "--max_samples", str(e.e2e_eval_samples), "--no_base",
                 "--report_to", "none", "--output_dir", str(eval_dir), "--max_new_tokens", str(e.e2e_max_new_tokens)]
@@ -1420,6 +1443,11 @@ def run_parts(args, report: dict, write, started: float) -> None:
             result["wall_s"] = clock.elapsed()
             result["limit_s"] = limit
             report["parts"][name] = result
+            if name in ("correctness", "step") and ctx._model is not None and "generate" in c.parts:
+                try:
+                    save_adapters(ctx)  # from the model in memory: part 3 need not load it again
+                except Exception as error:
+                    result["adapters_error"] = _one_line(error)
             if name == "step":
                 ctx.release()
             ctx.empty_cache()

@@ -136,8 +136,8 @@ def test_audit_without_dp_finds_a_large_lower_bound(audit_setup, capsys):
     trained = read_jsonl(out / "audit_data.jsonl")
     inserted = sum(c["copies"] for c in canaries if c["included"])
     assert len(trained) == REAL_ROWS + inserted and result["canaries"]["inserted"] == sum(c["included"] for c in canaries[:NUM_CANARIES])
-    split = json.loads((out / "train" / "split.json").read_text())
-    assert len(split["splits"]["train"]["indices"]) == len(trained) and not split["splits"]["validation"]["indices"]
+    summary = json.loads((out / "train" / "private_run_record" / "data_summary.json").read_text())
+    assert summary["n_train"] == len(trained) and summary["n_validation"] == summary["n_test"] == 0
     assert json.loads((out / "audit_report.json").read_text())["epsilon_lower_bound"] == result["epsilon_lower_bound"]
     assert "epsilon lower bound" in capsys.readouterr().out
 

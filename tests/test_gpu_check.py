@@ -117,6 +117,9 @@ def test_tiny_changes_only_flags_left_at_their_defaults():
     gpu_check.apply_tiny(args)
     assert args.step.seq_lens == [24] and args.step.steps == 2 and args.step.warmup_steps == 0
     assert args.model.hidden_size == offline_model.TINY.hidden_size and args.check.dtype == "float32"
+    explicit = gpu_check.parse_args(["--tiny", "--dtype", "bfloat16", "--steps=3"])  # given flags win, even at their defaults
+    gpu_check.apply_tiny(explicit)
+    assert explicit.check.dtype == "bfloat16" and explicit.step.steps == 3 and explicit.step.warmup_steps == 0
     untouched = gpu_check.parse_args(["--seq_lens", "24"])
     gpu_check.apply_tiny(untouched)
     assert untouched.model.vocab_size == 256000 and untouched.step.steps == 3
@@ -153,3 +156,24 @@ def test_wheel_list_fits_what_may_travel_and_names_the_bitsandbytes_size():
     assert "gpu_wheels.txt" in script and "--only-binary=:all:" in script and "--python-version 3.12" in script
     command = (REPO / "bench" / "GPU_CHECK.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0].strip()
     assert len(command) <= 2000 and "bench/gpu_check.py" in command and "$OUT" in command
+
+
+@pytest.mark.parametrize("quadratic, expected", [(0.0, 88), (0.05, 64)])
+def test_batch_search_fits_a_line_then_bisects_below_a_prediction_that_does_not_fit(monkeypatch, quadratic, expected):
+    """peak(B) = 100 + 10 B (+ quadratic B^2) bytes in 1000 bytes of room: the largest fit, rounded down to 8s."""
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(args=SimpleNamespace(step=SimpleNamespace(search_start_tokens=64, max_batch_size=1024)))
+    tried = []
+
+    def fake_probe(ctx, model, params, name, b, seq_len):
+        tried.append(b)
+        return 100 + 10 * b + quadratic * b * b
+
+    monkeypatch.setattr(gpu_check, "probe", fake_probe)
+    monkeypatch.setattr(gpu_check, "free_bytes", lambda ctx: 1000)
+    found = gpu_check.search_batch(ctx, None, None, "dp_ew", 16, gpu_check.Clock(60))
+    best = found["max_batch_size"]
+    assert 100 + 10 * best + quadratic * best * best <= 1000
+    assert best == expected and tried[:2] == [4, 8] and len(tried) <= 8
+    assert all(p["fits"] == (p["batch_size"] <= best) for p in found["probes"])

@@ -41,7 +41,7 @@ SCENARIOS = {
                            [r"private_run_record/checkpoints/\.step_000004\.old-.*",
                             r"private_run_record/checkpoints/\.step_000004\.tmp-.*"], False),
     "bundle_write": ("adapter:before_rename", 4, [r"\.adapter\.tmp-.*"], False),
-    "results_write": ("results.json:before_rename", 4, [r"private_run_record/\.results\.json\.tmp-.*"], True),
+    "results_write": ("private_run_record/results.json:before_rename", 4, [r"private_run_record/\.results\.json\.tmp-.*"], True),
 }
 
 

@@ -328,3 +328,20 @@ def test_non_private_backward_leaves_out_and_counts_a_nan_example(tiny_model_dir
         p.grad = None
     training.backward_examples(model, collate([healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2)
     assert all(torch.allclose(a, p.grad, atol=1e-7) for a, p in zip(with_nan, params))
+
+
+def test_a_second_secure_mode_resume_of_one_checkpoint_is_a_fork_refused_unless_its_cost_is_accepted(tiny_model_dir, tmp_path, capsys):
+    first = tmp_path / "first"
+    run(tiny_model_dir, first, "--max_steps", "3", "--save_steps", "1", "--secure_mode")
+    checkpoint = str(first / "private_run_record" / "checkpoints" / "step_000001")
+    resume = ["--max_steps", "3", "--save_steps", "0", "--secure_mode", "--resume_from_checkpoint", checkpoint]
+    run(tiny_model_dir, tmp_path / "branch_a", *resume)  # the first resume: one branch, one run's epsilon
+    argv = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "branch_b"), *FAST, *resume]
+    assert train_dp_lora.cli_main(argv) == 2
+    assert "already resumed 1 time(s) in --secure_mode" in capsys.readouterr().err
+    run(tiny_model_dir, tmp_path / "branch_b", *resume, "--accept_forked_resume")
+    a, b = read(tmp_path / "branch_a" / "adapter" / "privacy_report.json"), read(tmp_path / "branch_b" / "adapter" / "privacy_report.json")
+    assert a["forks"] == 0 and b["forks"] == 1 and b["epsilon"] == pytest.approx(a["epsilon"])
+    # both branches share step 1 and each took 2 more: 1 + 2 + 2 steps composed
+    assert b["epsilon_with_forks"] == pytest.approx(privacy.epsilon_after(5, b["noise_multiplier"], b["sample_rate"], b["delta"], "prv"), rel=1e-6)
+    assert b["epsilon_with_forks"] > b["epsilon"] and "forked resume" in b["guarantee"]

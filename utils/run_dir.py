@@ -77,9 +77,11 @@ def crash_point(name: str) -> None:
 
 
 def _crash_name(path: Path) -> str:
-    """`step_000004/privacy_record.json` for a file inside the temporary of an atomic directory."""
+    """`step_000004/privacy_record.json`: a file and its directory, an atomic directory's temporary named as it."""
     parent = path.parent.name
-    return f"{parent[1:].split('.tmp-')[0]}/{path.name}" if parent.startswith(".") and ".tmp-" in parent else path.name
+    if parent.startswith(".") and ".tmp-" in parent:
+        parent = parent[1:].split(".tmp-")[0]
+    return f"{parent}/{path.name}"
 
 
 # -----------------------------------------------------------------------------
