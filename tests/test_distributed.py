@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FP32_EPS, assert_close_scaled, scaled_error
+from conftest import FP32_EPS, assert_close_scaled
 from utils import distributed, privacy
 from utils.privacy import PoissonSampler
 
