@@ -166,9 +166,11 @@ def test_trainable_head_falls_back_to_full_logits_with_the_same_loss_and_gradien
 
 
 def test_every_offered_mode_is_a_training_choice():
-    import train_dp_lora
+    import dataclasses
 
-    field = next(f for f in train_dp_lora.dataclasses.fields(train_dp_lora.PrivacyArguments) if f.name == "grad_sample_mode")
+    from utils.train_args import PrivacyArguments
+
+    field = next(f for f in dataclasses.fields(PrivacyArguments) if f.name == "grad_sample_mode")
     assert field.metadata["choices"] == list(privacy.GRAD_SAMPLE_MODES)
     assert field.default in privacy.GRAD_SAMPLE_MODES
 
