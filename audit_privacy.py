@@ -293,12 +293,8 @@ def write_canaries(path: Path, canaries: list[dict]) -> None:
     path.write_text("".join(json.dumps({k: v for k, v in c.items() if k != "rows"}) + "\n" for c in canaries), encoding="utf-8")
 
 
-def main(args) -> dict:
-    validate_args(args)
-    a, t = args.audit, args.train
-    out = Path(a.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
+def write_audit_data(out: Path, a, t) -> tuple[list[dict], list[dict], str, Path]:
+    """(real rows, canaries, instruction, data file): real rows plus each inserted canary's rows."""
     cards, _ = clean_rows(read_rows(t.data.dataset))
     if a.num_real_rows > 0:
         cards = cards[: a.num_real_rows]
@@ -309,35 +305,18 @@ def main(args) -> dict:
     rows = cards + [row for c in canaries if c["included"] for row in c["rows"]]
     data_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     write_canaries(out / "canaries.jsonl", canaries)
+    return cards, canaries, instruction, data_path
 
-    run_dir = out / "train"
-    forced = {"dataset": str(data_path), "validation_fraction": "0", "test_fraction": "0", "train_sample_fraction": "1",
-              "output_dir": str(run_dir), "overwrite_output_dir": "true"}
-    print(f"Audit: {a.num_canaries} canaries ({sum(c['included'] for c in canaries if c['kind'] == 'audit')} inserted)"
-          + (f" + {a.num_repeated_canaries} repeated x{a.canary_repeats}" if a.canary_repeats else "")
-          + f", {len(cards)} real rows -> {data_path}; training in {run_dir}", flush=True)
-    train_in_subprocess(args.train_argv + [x for key, value in forced.items() for x in (f"--{key}", value)])
-    run = RunDir(run_dir)
-    report = read_json(run.public_report)
-    trained = read_json(run.data_summary_file)
-    # every row is a training row (no held-out split), so the inclusion the bound assumes is the one that happened
-    if trained["n_train"] != len(rows):
-        raise AuditError(f"training kept {trained['n_train']} of the {len(rows)} audit rows; every inserted canary must be trained on")
-    train = train_args.parse_args(args.train_argv)
 
-    scored = score_canaries(run_dir, train, canaries, a, instruction)
-    for canary, ft, base, alts in zip(canaries, scored["finetuned"], scored["base"], scored["alternatives"]):
-        canary.update(loss_finetuned=ft, loss_base=base, score=ft - base, exposure=exposure(ft, alts))
+def audit_result(report: dict, canaries: list[dict], bound: dict, delta: float, a, run_dir: Path, forced: dict) -> dict:
     audit = [c for c in canaries if c["kind"] == "audit"]
     scores, included = [c["score"] for c in audit], [c["included"] for c in audit]
-    delta = report["delta"] if report["dp_enabled"] else train.privacy.delta or 1e-5  # the bound needs some delta
-    bound = one_run_bound(scores, included, delta, a.confidence, a.guess_fractions)
     reported = report["epsilon"] if report["dp_enabled"] else None
 
     def mean_exposure(group):
         return float(np.mean([c["exposure"] for c in group])) if group else None
 
-    result = {
+    return {
         "epsilon_lower_bound": bound["epsilon_lower_bound"],
         "reported_epsilon": reported,
         "delta": delta,
@@ -360,6 +339,36 @@ def main(args) -> dict:
         "training": {"run_dir": str(run_dir), "n_train": report["n_train"], "steps": report["steps_taken"],
                      "noise_multiplier": report["noise_multiplier"], "sample_rate": report["sample_rate"], "forced_arguments": forced},
     }
+
+
+def main(args) -> dict:
+    validate_args(args)
+    a, t = args.audit, args.train
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cards, canaries, instruction, data_path = write_audit_data(out, a, t)
+
+    run_dir = out / "train"
+    forced = {"dataset": str(data_path), "validation_fraction": "0", "test_fraction": "0", "train_sample_fraction": "1",
+              "output_dir": str(run_dir), "overwrite_output_dir": "true"}
+    print(f"Audit: {a.num_canaries} canaries ({sum(c['included'] for c in canaries if c['kind'] == 'audit')} inserted)"
+          + (f" + {a.num_repeated_canaries} repeated x{a.canary_repeats}" if a.canary_repeats else "")
+          + f", {len(cards)} real rows -> {data_path}; training in {run_dir}", flush=True)
+    train_in_subprocess(args.train_argv + [x for key, value in forced.items() for x in (f"--{key}", value)])
+    run = RunDir(run_dir)
+    report, trained = read_json(run.public_report), read_json(run.data_summary_file)
+    n_rows = len(cards) + sum(c["copies"] for c in canaries if c["included"])
+    # every row is a training row (no held-out split), so the inclusion the bound assumes is the one that happened
+    if trained["n_train"] != n_rows:
+        raise AuditError(f"training kept {trained['n_train']} of the {n_rows} audit rows; every inserted canary must be trained on")
+
+    scored = score_canaries(run_dir, t, canaries, a, instruction)
+    for canary, ft, base, alts in zip(canaries, scored["finetuned"], scored["base"], scored["alternatives"]):
+        canary.update(loss_finetuned=ft, loss_base=base, score=ft - base, exposure=exposure(ft, alts))
+    audit = [c for c in canaries if c["kind"] == "audit"]
+    delta = report["delta"] if report["dp_enabled"] else t.privacy.delta or 1e-5  # the bound needs some delta
+    bound = one_run_bound([c["score"] for c in audit], [c["included"] for c in audit], delta, a.confidence, a.guess_fractions)
+    result = audit_result(report, canaries, bound, delta, a, run_dir, forced)
     write_json_atomic(out / "audit_report.json", result)
     write_canaries(out / "canaries.jsonl", canaries)
     print(summary_text(result))

@@ -1,16 +1,16 @@
 """Score DP-LoRA adapters (and the base model) on held-out flashcards; draw the privacy-utility curve.
 
 Contract
-- Data: by default the held-out --split (test; or validation) of the first adapter's run, re-read
-  from the source recorded in RUN_DIR/split.json and checked against its fingerprint. With
-  --dataset SRC (a flashcard file, `bundled` or a hub id) every cleaned row of SRC is evaluated, or,
-  with --split test|validation, that split of the run re-read from SRC (the same data moved
-  elsewhere). --max_samples K keeps the first K rows.
-- No training rows, ever: each evaluated row's hash is compared with the training-row hashes in the
-  split.json of EVERY evaluated run, and a single match stops the script with an error. There is
-  no switch to turn this off: a score on rows a model was trained on measures memorisation, and it
-  would print next to an epsilon as if it were held-out quality.
-- Models: each --adapters (OUT/adapter, OUT, or OUT/checkpoints/step_N) is loaded exactly as
+- Data: by default the held-out --split (test; or validation) of the first adapter's run, recomputed
+  from the dataset its private run record names and the bundle's public split spec (a keyed hash of
+  each row's content, utils/data.py). With --dataset SRC (a flashcard file, `bundled` or a hub id)
+  every cleaned row of SRC is evaluated, or, with --split test|validation, that split of SRC: a
+  release bundle shared alone plus its data file is enough. --max_samples K keeps the first K rows.
+- No training rows, ever: every evaluated row is assigned by the split spec of EVERY evaluated run,
+  and a single row in a run's training split stops the script with an error. No per-row hash is
+  stored or needed. There is no switch to turn this off: a score on rows a model was trained on
+  measures memorisation, and it would print next to an epsilon as if it were held-out quality.
+- Models: each --adapters (OUT/adapter, OUT, or a checkpoint dir) is loaded exactly as
   infer.py loads it (utils.run_loading.load_for_inference) and answers with the training prompt,
   greedily, in batches (utils.decoding.generate_answers). The base model the runs were trained on
   is scored too (--no_base skips it; all runs must share one base model).
@@ -22,7 +22,10 @@ Contract
 - Privacy columns: epsilon is the spent epsilon of the run's privacy_report.json (the accountant's
   upper bound at its delta); `inf` marks a --disable_dp run; `*` marks a checkpoint selected on
   private data, which that epsilon does not cover. The base model never saw the flashcards.
-- Outputs in --output_dir (default RUN_DIR/eval for one adapter, outputs/eval for several):
+- Baseline: the question itself as the answer ("question_echo") is scored too, so the table shows the
+  floor that overlap metrics give for free; content F1/recall count only reference tokens that are not
+  in the question, which echoing cannot earn.
+- Outputs in --output_dir (default OUT/private_run_record/eval for one run, outputs/eval otherwise):
   eval_results.json, predictions.jsonl (model, question, reference, prediction, em, f1, rougeL,
   nll), with --curve privacy_utility.png, a table on the terminal, and the metrics, a summary table,
   a predictions table and the plot in W&B (offline without a key) or TensorBoard.
@@ -55,7 +58,7 @@ from utils.cli import UserError
 from utils.data import BUNDLED_DATASET, SplitSpec, assign_split, clean_rows, read_rows
 from utils.decoding import GenerationSettings, generate_answers, settings_problems
 from utils.privacy_record import format_delta, format_epsilon
-from utils.run_dir import RunDir, RunDirError, find_adapters
+from utils.run_dir import RunDir, RunDirError, find_adapters, write_json_atomic
 from utils.run_loading import load_for_inference
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "qa_metrics"
@@ -63,7 +66,8 @@ RESULTS_FILE = "eval_results.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 CURVE_FILE = "privacy_utility.png"
 BASE_NAME = "base"
-METRIC_NAMES = ("exact_match", "f1", "rougeL", "nll", "perplexity")
+METRIC_NAMES = ("exact_match", "f1", "rougeL", "content_f1", "content_recall", "nll", "perplexity")
+ECHO_NAME = "question_echo"  # the question itself as the answer: the floor overlap metrics give for free
 
 
 class EvaluationError(UserError):
@@ -72,7 +76,7 @@ class EvaluationError(UserError):
 
 @dataclass
 class ModelArguments:
-    adapters: list[str] = field(default_factory=list, metadata={"help": "one or more adapter dirs (OUT/adapter, OUT, or OUT/checkpoints/step_N)"})
+    adapters: list[str] = field(default_factory=list, metadata={"help": "one or more adapter dirs (OUT/adapter, OUT, a bundle copied anywhere, or a checkpoint dir)"})
     model: str | None = field(default=None, metadata={"help": "base model; default: the one the runs were trained on (args.json)"})
     no_base: bool = field(default=False, metadata={"help": "do not score the base model"})
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 base (bitsandbytes), e.g. when training used --load_in_4bit"})
@@ -88,7 +92,7 @@ class DataArguments:
 
 @dataclass
 class OutputArguments:
-    output_dir: str | None = field(default=None, metadata={"help": "default RUN_DIR/eval (one adapter) or outputs/eval"})
+    output_dir: str | None = field(default=None, metadata={"help": "default OUT/private_run_record/eval (one run) or outputs/eval"})
     curve: bool = field(default=False, metadata={"help": f"draw {CURVE_FILE}: F1 and ROUGE-L against epsilon"})
     report_to: str = field(default="wandb", metadata={"help": "experiment tracker", "choices": ["wandb", "tensorboard", "none"]})
     project_name: str = field(default="vaultgemma-dp-lora", metadata={"help": "tracker project"})
@@ -219,29 +223,39 @@ def load_metric():
     return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
 
 
+def score_predictions(cards: list[dict], predictions: list[str], nll: list[float] | None, metric) -> tuple[dict, list[dict]]:
+    """(summary metrics, per-card rows) of `predictions`; nll None (a baseline with no model) reports NaN."""
+    from utils.metrics import content_f1, content_recall
+
+    scores = metric.compute(predictions=predictions, references=[c["output"] for c in cards], per_example=True)
+    per_example = dict(scores["per_example"])
+    per_example["content_f1"] = [content_f1(p, c["output"], c["input"]) for p, c in zip(predictions, cards)]
+    per_example["content_recall"] = [content_recall(p, c["output"], c["input"]) for p, c in zip(predictions, cards)]
+    nll = nll if nll is not None else [math.nan] * len(cards)
+    summary = {name: sum(values) / len(values) for name, values in per_example.items()}
+    summary["nll"] = sum(nll) / len(nll)
+    summary["perplexity"] = math.exp(summary["nll"]) if summary["nll"] < 700 else math.inf
+    rows = [{"question": c["input"], "reference": c["output"], "prediction": p, "em": per_example["exact_match"][i],
+             "f1": per_example["f1"][i], "rougeL": per_example["rougeL"][i], "content_f1": per_example["content_f1"][i],
+             "content_recall": per_example["content_recall"][i], "nll": nll[i]}
+            for i, (c, p) in enumerate(zip(cards, predictions))]
+    return summary, rows
+
+
 def score_model(model, tokenizer, cards: list[dict], settings: GenerationSettings, batch_size: int = 8,
                 metric=None, progress: bool = False) -> tuple[dict, list[dict]]:
     """(summary metrics, per-card rows) of one model on `cards`."""
-    metric = metric or load_metric()
     predictions = generate_answers(model, tokenizer, [c["input"] for c in cards], settings, batch_size=batch_size,
                                    instructions=[c["instruction"] for c in cards], progress=progress)
     nll = training.cards_answer_nll(model, tokenizer, cards, batch_size, progress)
-    scores = metric.compute(predictions=predictions, references=[c["output"] for c in cards], per_example=True)
-    summary = {name: scores[name] for name in ("exact_match", "f1", "rougeL")}
-    summary["nll"] = sum(nll) / len(nll)
-    summary["perplexity"] = math.exp(summary["nll"]) if summary["nll"] < 700 else math.inf
-    per_example = scores["per_example"]
-    rows = [{"question": c["input"], "reference": c["output"], "prediction": p, "em": per_example["exact_match"][i],
-             "f1": per_example["f1"][i], "rougeL": per_example["rougeL"][i], "nll": nll[i]}
-            for i, (c, p) in enumerate(zip(cards, predictions))]
-    return summary, rows
+    return score_predictions(cards, predictions, nll, metric or load_metric())
 
 
 # -----------------------------------------------------------------------------
 # reporting
 
 def _epsilon_text(entry: dict) -> str:
-    if entry["kind"] == "base":
+    if entry["kind"] in ("base", "baseline"):
         return "-"
     if not entry["dp_enabled"]:
         return "inf (no DP)"
@@ -250,9 +264,9 @@ def _epsilon_text(entry: dict) -> str:
 
 
 def format_table(entries: list[dict]) -> str:
-    header = ["model", "epsilon", "delta", "EM", "F1", "ROUGE-L", "NLL", "perplexity"]
+    header = ["model", "epsilon", "delta", "EM", "F1", "ROUGE-L", "content F1", "content recall", "NLL", "perplexity"]
     lines = [[e["name"], _epsilon_text(e), format_delta(e["delta"]) if e.get("delta") else "-",
-              *(f"{e['metrics'][k]:.4f}" for k in ("exact_match", "f1", "rougeL", "nll", "perplexity"))]
+              *(f"{e['metrics'][k]:.4f}" if math.isfinite(e["metrics"][k]) else "-" for k in METRIC_NAMES)]
              for e in entries]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     render = lambda row: "  ".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))  # noqa: E731
@@ -261,6 +275,8 @@ def format_table(entries: list[dict]) -> str:
         out.append("* checkpoint selected on private data: its epsilon does not cover that selection")
     if any(e["kind"] == "adapter" and e["dp_enabled"] and not e.get("secure_mode") for e in entries):
         out.append("seeded: the guarantee holds only against someone who does not know the seed")
+    out.append(f"{ECHO_NAME}: the question itself as the answer, the score overlap metrics give for free; "
+               "content F1/recall count only reference tokens that are not in the question")
     return "\n".join(out)
 
 
@@ -285,6 +301,7 @@ def plot_privacy_utility(entries: list[dict], path: str, *, model: str, dataset:
     private = sorted((e for e in entries if e["kind"] == "adapter" and e["dp_enabled"]), key=lambda e: e["epsilon"])
     public = [e for e in entries if e["kind"] == "adapter" and not e["dp_enabled"]]
     base = next((e for e in entries if e["kind"] == "base"), None)
+    echo = next((e for e in entries if e["kind"] == "baseline"), None)
     if not private:
         raise EvaluationError("--curve needs at least one DP-trained run among --adapters")
     # value labels: F1 above its point, ROUGE-L below, so equal scores stay legible
@@ -305,6 +322,10 @@ def plot_privacy_utility(entries: list[dict], path: str, *, model: str, dataset:
                        markeredgewidth=2, color=color, label=f"{label}, non-private (--disable_dp)")
             for value in values:
                 right.annotate(f"{value:.3f}", (0, value), textcoords="offset points", xytext=(0, offset + (2 if offset > 0 else -2)), ha="center", fontsize=8, color=color)
+        if echo is not None:
+            for axis in (left, right):
+                axis.axhline(echo["metrics"][key], color=color, linestyle=":", linewidth=1,
+                             label=f"{label}, question echoed as the answer" if axis is left else None)
         if base is not None:
             for axis in (left, right):
                 axis.axhline(base["metrics"][key], color=color, linestyle="--", linewidth=1,
@@ -359,9 +380,9 @@ def log_to_tracker(accelerator, report_to: str, entries: list[dict], predictions
 
     run = accelerator.get_tracker("wandb", unwrap=True)
     summary = wandb.Table(columns=["model", "dp_enabled", "epsilon", "delta", *METRIC_NAMES],
-                          data=[[e["name"], e["dp_enabled"], _json_number(e["epsilon"]), e["delta"], *(_json_number(e["metrics"][k]) for k in METRIC_NAMES)]
+                          data=[[e["name"], e["dp_enabled"], _json_number(e.get("epsilon")), e.get("delta"), *(_json_number(e["metrics"][k]) for k in METRIC_NAMES)]
                                 for e in entries])
-    columns = ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "nll"]
+    columns = ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "content_f1", "content_recall", "nll"]
     table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in predictions])
     logged = {"eval/summary": summary, "eval/predictions": table}
     if curve_path:
@@ -371,17 +392,67 @@ def log_to_tracker(accelerator, report_to: str, entries: list[dict], predictions
 
 # -----------------------------------------------------------------------------
 
+def shared_base_model(runs: list[dict], model: str | None) -> str | None:
+    """--model, else the one base model every run was trained on."""
+    base_models = sorted({r["base_model"] for r in runs if r["base_model"]})
+    if not model and len(base_models) > 1:
+        raise EvaluationError(f"the adapters were trained on different base models ({', '.join(base_models)}); "
+                              "evaluate them separately")
+    return model or (base_models[0] if base_models else None)
+
+
+def score_all(jobs: list[dict], cards: list[dict], base_model, args, accelerator) -> tuple[list[dict], list[dict]]:
+    """The question-echo baseline, then every model: (table entries, prediction rows)."""
+    m, d, g = args.model, args.data, args.generation
+    metric = load_metric()
+    summary, rows = score_predictions(cards, [c["input"] for c in cards], None, metric)
+    entries = [dict(name=ECHO_NAME, kind="baseline", dp_enabled=False, epsilon=None, delta=None, metrics=summary)]
+    predictions = [dict(model=ECHO_NAME, **row) for row in rows]
+    for job in jobs:
+        model, tokenizer, info = load_for_inference(job["adapters"], base_model, load_in_4bit=m.load_in_4bit, device=accelerator.device)
+        accelerator.print(f"[{job['name']}] {info['privacy']}")
+        summary, rows = score_model(model, tokenizer, cards, g, d.batch_size, metric, progress=accelerator.is_local_main_process)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next model loads into the memory this one held
+        keys = ("dp_enabled", "epsilon", "target_epsilon", "delta", "accountant", "steps", "n_train", "secure_mode",
+                "selected_on_private_data")
+        flags = ("dp_enabled", "secure_mode", "selected_on_private_data")
+        entries.append(dict({k: job.get(k, False if k in flags else None) for k in keys}, name=job["name"], kind=job["kind"], base_model=info["base_model"],
+                            adapter_dir=info["adapter_dir"], run_dir=info["run_dir"], metrics=summary))
+        predictions.extend(dict(model=job["name"], **row) for row in rows)
+    return entries, predictions
+
+
+def write_results(output_dir: Path, entries, predictions, source: dict, args, curve_path) -> dict:
+    results = {
+        "data": source,
+        "generation": dataclasses.asdict(args.generation),
+        "metric_definitions": {"exact_match": "SQuAD-normalised exact match", "f1": "SQuAD-normalised token F1",
+                               "rougeL": "rouge_score ROUGE-L F-measure, no stemming",
+                               "content_f1": "token F1 over the reference tokens not in the question",
+                               "content_recall": "share of the reference's non-question tokens in the prediction",
+                               "nll": "mean over rows of the reference answer's mean token NLL (EOS included), teacher forcing",
+                               "perplexity": "exp(nll)"},
+        "models": [dict(e, epsilon=_json_number(e["epsilon"]) if e.get("epsilon") is not None else None,
+                        metrics={k: _json_number(v) for k, v in e["metrics"].items()}) for e in entries],
+        "curve": curve_path,
+    }
+    write_json_atomic(output_dir / RESULTS_FILE, results)
+    with open(output_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as handle:
+        for row in predictions:
+            handle.write(json.dumps({k: _json_number(v) for k, v in row.items()}, ensure_ascii=False) + "\n")
+    return results
+
+
 def main(args):
     from accelerate import Accelerator
 
     validate_args(args)
-    m, d, g, o = args.model, args.data, args.generation, args.output
+    m, d, o = args.model, args.data, args.output
     runs = [describe_run(path) for path in m.adapters]
     unique_names(runs)
-    base_models = sorted({r["base_model"] for r in runs if r["base_model"]})
-    if not m.model and len(base_models) > 1:
-        raise EvaluationError(f"the adapters were trained on different base models ({', '.join(base_models)}); evaluate them separately")
-    base_model = m.model or (base_models[0] if base_models else None)
+    base_model = shared_base_model(runs, m.model)
     if o.curve and not any(r["dp_enabled"] for r in runs):
         raise EvaluationError("--curve needs at least one DP-trained run among --adapters")
     cards, source = load_eval_cards(runs, d.dataset, d.split, d.max_samples)
@@ -389,57 +460,22 @@ def main(args):
     # the predictions hold the evaluated rows' text: by default they stay in the run's private record
     default_dir = RunDir(runs[0]["run_dir"]).private / "eval" if len(runs) == 1 and runs[0]["run_dir"] else Path("outputs/eval")
     output_dir = Path(o.output_dir or default_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if o.report_to == "wandb":
-        wandb_mode = tracking.prepare_wandb_environment()
+    wandb_mode = tracking.prepare_wandb_environment() if o.report_to == "wandb" else None
     accelerator = Accelerator(log_with=tracking.tracker_names(o.report_to) or None, project_dir=str(output_dir))
     if accelerator.num_processes > 1:
         raise EvaluationError("run evaluate_qa.py as one process (python evaluate_qa.py ...), not under a multi-process accelerate launch")
-    resolved = cli.to_dict(args)
-    accelerator.init_trackers(o.project_name, config=tracking.flatten_config(resolved), init_kwargs=tracking.tracker_init_kwargs(o.report_to, str(output_dir), job_type="eval"))
-    accelerator.print(f"Evaluating {len(runs) + (not m.no_base)} model(s) on {source['n']} flashcards ({source['split']}, {source['dataset']}); "
-                      f"no evaluated row is a training row of any run")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers(o.project_name, config=tracking.flatten_config(cli.to_dict(args)),
+                              init_kwargs=tracking.tracker_init_kwargs(o.report_to, str(output_dir), job_type="eval"))
+    accelerator.print(f"Evaluating {len(runs) + (not m.no_base)} model(s) on {source['n']} flashcards ({source['split']}, "
+                      f"{source['dataset']}); no evaluated row is a training row of any run")
 
-    metric = load_metric()
-    todo = ([] if m.no_base else [{"name": BASE_NAME, "kind": "base", "adapters": None}]) + [dict(r, kind="adapter", adapters=r["adapter_dir"]) for r in runs]
-    entries, predictions = [], []
-    for job in todo:
-        model, tokenizer, info = load_for_inference(job["adapters"], base_model, load_in_4bit=m.load_in_4bit, device=accelerator.device)
-        accelerator.print(f"[{job['name']}] {info['privacy']}")
-        summary, rows = score_model(model, tokenizer, cards, g, d.batch_size, metric, progress=accelerator.is_local_main_process)
-        del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the next model loads into the memory this one held
-        entry = {"name": job["name"], "kind": job["kind"], "base_model": info["base_model"], "adapter_dir": info["adapter_dir"],
-                 "run_dir": info["run_dir"], "dp_enabled": job.get("dp_enabled", False), "epsilon": job.get("epsilon"),
-                 "target_epsilon": job.get("target_epsilon"), "delta": job.get("delta"), "accountant": job.get("accountant"),
-                 "steps": job.get("steps"), "n_train": job.get("n_train"), "secure_mode": job.get("secure_mode", False),
-                 "selected_on_private_data": job.get("selected_on_private_data", False), "metrics": summary}
-        entries.append(entry)
-        predictions.extend(dict(model=job["name"], **row) for row in rows)
-
-    curve_path = None
-    if o.curve:
-        curve_path = plot_privacy_utility(entries, str(output_dir / CURVE_FILE), model=base_model or entries[0]["base_model"],
-                                          dataset=source["dataset"], split=source["split"], n=source["n"])
-    results = {
-        "data": source,
-        "generation": dataclasses.asdict(g),
-        "metric_definitions": {"exact_match": "SQuAD-normalised exact match", "f1": "SQuAD-normalised token F1",
-                               "rougeL": "rouge_score ROUGE-L F-measure, no stemming",
-                               "nll": "mean over rows of the reference answer's mean token NLL (EOS included), teacher forcing",
-                               "perplexity": "exp(nll)"},
-        "models": [dict(e, epsilon=_json_number(e["epsilon"]) if e["epsilon"] is not None else None,
-                        metrics={k: _json_number(v) for k, v in e["metrics"].items()}) for e in entries],
-        "curve": curve_path,
-    }
-    with open(output_dir / RESULTS_FILE, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2)
-        handle.write("\n")
-    with open(output_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as handle:
-        for row in predictions:
-            handle.write(json.dumps({k: _json_number(v) for k, v in row.items()}, ensure_ascii=False) + "\n")
-
+    jobs = ([] if m.no_base else [{"name": BASE_NAME, "kind": "base", "adapters": None}]) + \
+        [dict(r, kind="adapter", adapters=r["adapter_dir"]) for r in runs]
+    entries, predictions = score_all(jobs, cards, base_model, args, accelerator)
+    curve_path = plot_privacy_utility(entries, str(output_dir / CURVE_FILE), model=base_model or entries[-1]["base_model"],
+                                      dataset=source["dataset"], split=source["split"], n=source["n"]) if o.curve else None
+    results = write_results(output_dir, entries, predictions, source, args, curve_path)
     if o.report_to != "none":
         log_to_tracker(accelerator, o.report_to, entries, predictions, curve_path)
     run_dir = tracking.wandb_run_dir(accelerator) if o.report_to == "wandb" else None
@@ -448,9 +484,7 @@ def main(args):
     accelerator.print(f"\n  results: {output_dir / RESULTS_FILE}; predictions: {output_dir / PREDICTIONS_FILE}"
                       + (f"; curve: {curve_path}" if curve_path else "")
                       + (f"\n  W&B offline run: {run_dir}; upload with `wandb sync {run_dir}`" if run_dir and wandb_mode == "offline" else ""))
-    results["output_dir"] = str(output_dir)
-    results["wandb_run_dir"] = run_dir
-    return results
+    return dict(results, output_dir=str(output_dir), wandb_run_dir=run_dir)
 
 
 def cli_main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """Answer medical questions with the DP-LoRA adapters a training run saved (or with the base model alone).
 
 Contract
-- Loading: --adapters is OUT/adapter, OUT (a train_dp_lora.py output dir) or OUT/checkpoints/step_N.
+- Loading: --adapters is OUT/adapter (also a bundle copied anywhere), OUT (a train_dp_lora.py output
+  dir) or a checkpoint dir OUT/private_run_record/checkpoints/step_N.
   The base model is the one the run trained on (its args.json, else adapter_config.json) unless
   --model overrides it; --model strings resolve as in training (hub id, local dir, kaggle:<handle>,
   a .gguf file, or gemma3-270m, the embedded offline model). Adapters that do not fit the base
@@ -19,7 +20,7 @@ Contract
 
 Run
     python infer.py --adapters outputs/dp_lora/adapter --question "What are the symptoms of diabetes?"
-    python infer.py --adapters outputs/dp_lora/checkpoints/step_000100 --questions_file questions.txt --output answers.jsonl
+    python infer.py --adapters outputs/dp_lora/private_run_record/checkpoints/step_000100 --questions_file questions.txt --output answers.jsonl
     cat questions.txt | python infer.py --adapters outputs/dp_lora --batch_size 16
     python infer.py --model gemma3-270m --question "What causes gout?"          # base model, no adapters
     python infer.py --adapters outputs/dp_lora --merge --do_sample --temperature 0.7 --top_p 0.9 --question "..."
@@ -40,7 +41,7 @@ from utils.run_dir import RunDirError, find_adapters
 
 @dataclass
 class ModelArguments:
-    adapters: str | None = field(default=None, metadata={"help": "OUT/adapter, OUT, or OUT/checkpoints/step_N of a training run; none = base model alone"})
+    adapters: str | None = field(default=None, metadata={"help": "OUT/adapter (or a copy), OUT, or a checkpoint dir of a training run; none = base model alone"})
     model: str | None = field(default=None, metadata={"help": "base model; default: the one the adapters were trained on (google/vaultgemma-1b without --adapters)"})
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 + double quantization base (bitsandbytes), as in training"})
     merge: bool = field(default=False, metadata={"help": "merge the adapters into the base weights (faster; not with --load_in_4bit)"})

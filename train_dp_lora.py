@@ -100,7 +100,8 @@ def plan_privacy(args, n_train: int, world_size: int, spec: SplitSpec) -> tuple[
     record = PrivacyRecord(dp_enabled=dp, target_epsilon=p.epsilon if dp else None, delta=delta, noise_multiplier=sigma,
                            sample_rate=q, max_grad_norm=p.max_grad_norm if dp else None,
                            expected_batch_size=t.logical_batch_size, planned_steps=steps, accountant=p.accountant,
-                           n_train=n_train, secure_mode=p.secure_mode, world_size=world_size, split=spec.to_json())
+                           n_train=n_train, secure_mode=p.secure_mode, world_size=world_size,
+                           draw_split=distributed.DRAW_SPLIT, split=spec.to_json())
     return record, budget
 
 

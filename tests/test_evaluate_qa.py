@@ -16,7 +16,7 @@ from rouge_score import rouge_scorer
 
 import evaluate_qa
 import train_dp_lora
-from conftest import build_tiny_vaultgemma, bundled_cards, write_cards
+from conftest import FP32_EPS, assert_close_scaled, build_tiny_vaultgemma, bundled_cards, write_cards
 from utils import metrics, training
 from utils.data import SplitSpec, assign_split, clean_rows
 from utils.decoding import GenerationSettings
@@ -52,6 +52,7 @@ def test_exact_match_compares_normalised_text():
 
 
 def test_token_f1_exact_values():
+    # exact rationals computed in fp64 (a few ulps); approx's rel 1e-6 separates them from any other count ratio
     assert metrics.token_f1("The Cat sat.", "a cat sat down") == pytest.approx(0.8)  # P 1, R 2/3
     assert metrics.token_f1("cat cat dog", "cat dog dog") == pytest.approx(2 / 3)  # bag overlap counts min(count)
     assert metrics.token_f1("dog", "cat") == 0.0
@@ -60,6 +61,7 @@ def test_token_f1_exact_values():
 
 
 def test_rouge_l_exact_values():
+    # exact rationals in fp64, as above
     assert metrics.rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(10 / 11)  # LCS 5: P 1, R 5/6
     assert metrics.rouge_l("A B C", "c b a") == pytest.approx(1 / 3)  # LCS 1 of 3 tokens each way
     assert metrics.rouge_l("", "cat") == 0.0
@@ -81,25 +83,30 @@ def test_evaluate_module_gives_the_means_and_per_example_values_of_the_functions
     assert result["per_example"]["f1"] == [metrics.token_f1(p, r) for p, r in PAIRS]
     assert result["per_example"]["exact_match"] == [metrics.exact_match(p, r) for p, r in PAIRS]
     for name in ("exact_match", "f1", "rougeL"):
-        assert result[name] == pytest.approx(sum(result["per_example"][name]) / len(PAIRS))
+        assert result[name] == pytest.approx(sum(result["per_example"][name]) / len(PAIRS))  # fp64 mean of 7: <= 7 ulps
     assert set(metric.compute(predictions=["a"], references=["a"])) == {"exact_match", "f1", "rougeL"}
 
 
 # -----------------------------------------------------------------------------
 # answer NLL under teacher forcing
 
+@pytest.mark.numerics
 def test_answer_nll_is_the_same_in_any_batch_and_equals_the_full_logits_reference(tiny_model_dir):
     model, tokenizer, _ = load_for_inference(None, tiny_model_dir, device="cpu")
     assert tokenizer.padding_side == "left"  # the inference tokenizer; answer_nll must still pad right
     cards, _ = clean_rows(bundled_cards()[:5])
     batched = training.cards_answer_nll(model, tokenizer, cards, batch_size=5)
     one_by_one = training.cards_answer_nll(model, tokenizer, cards, batch_size=1)
-    assert batched == pytest.approx(one_by_one, abs=1e-5)
+    # fp32 model, NLL ~7.6 (log 2000): 64-term dot products per logit (<= 32 eps sum|h w| each), a 2000-term
+    # logsumexp and other batch shapes: ~10 fp32 ulps of 7.6 at worst; budget 32 (2.9e-5; observed 0 batched vs alone,
+    # 2.6 vs the full logits). Padding or batch averaging leaking into a row's NLL errs by >= 1e4 ulps.
+    assert_close_scaled(torch.tensor(batched), torch.tensor(one_by_one), 32, eps=FP32_EPS, why="fp32 NLL, other batch shapes")
     for card, value in zip(cards, one_by_one):
         example = encode_example(tokenizer, card["input"], card["output"], card["instruction"])
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([example["input_ids"]])).logits
-        assert value == pytest.approx(per_example_loss_from_logits(logits, torch.tensor([example["labels"]])).item(), abs=1e-5)
+        reference = per_example_loss_from_logits(logits, torch.tensor([example["labels"]]))
+        assert_close_scaled(torch.tensor([value]), reference, 32, eps=FP32_EPS, why="fp32 NLL, answer-only vs full logits")
 
 
 # -----------------------------------------------------------------------------
@@ -235,7 +242,7 @@ def test_results_json_lists_every_model_with_its_privacy_and_consistent_metrics(
     n_test = sum(assign_split(c, spec) == "test" for c in cards)
     assert saved["data"]["n"] == n_test > 0
     assert saved["data"]["split"] == "held-out test split of eps2"
-    assert [m["name"] for m in saved["models"]] == ["base", "eps2", "eps8", "nodp"]
+    assert [m["name"] for m in saved["models"]] == ["question_echo", "base", "eps2", "eps8", "nodp"]
     by_name = {m["name"]: m for m in saved["models"]}
     for name in ("eps2", "eps8"):
         report = json.loads((curve_runs[name] / "adapter" / "privacy_report.json").read_text())
@@ -244,9 +251,14 @@ def test_results_json_lists_every_model_with_its_privacy_and_consistent_metrics(
         assert by_name[name]["delta"] == report["delta"]
     assert by_name["nodp"]["dp_enabled"] is False and by_name["nodp"]["epsilon"] is None
     assert by_name["base"]["kind"] == "base" and by_name["base"]["adapter_dir"] is None
+    echo = by_name["question_echo"]
+    assert echo["kind"] == "baseline" and echo["metrics"]["nll"] is None  # no model: no likelihood
+    # echoing the question adds no token beyond the question: no content credit, whatever F1 and ROUGE-L say
+    assert echo["metrics"]["content_f1"] == echo["metrics"]["content_recall"] == 0.0
     for model in saved["models"]:
         assert set(model["metrics"]) == set(evaluate_qa.METRIC_NAMES)
-        assert model["metrics"]["perplexity"] == pytest.approx(math.exp(model["metrics"]["nll"]))
+        if model["kind"] != "baseline":
+            assert model["metrics"]["perplexity"] == pytest.approx(math.exp(model["metrics"]["nll"]))  # one fp64 exp: ~1 ulp
         assert 0 <= model["metrics"]["f1"] <= 1 and 0 <= model["metrics"]["rougeL"] <= 1
     assert saved["curve"] == str(out / evaluate_qa.CURVE_FILE)
 
@@ -255,8 +267,9 @@ def test_predictions_jsonl_holds_each_test_row_per_model_with_its_scores(evaluat
     results, out = evaluated
     rows = [json.loads(line) for line in (out / evaluate_qa.PREDICTIONS_FILE).read_text().splitlines()]
     n_test = results["data"]["n"]
-    assert len(rows) == 4 * n_test
-    assert set(rows[0]) == {"model", "question", "reference", "prediction", "em", "f1", "rougeL", "nll"}
+    assert len(rows) == 5 * n_test
+    assert set(rows[0]) == {"model", "question", "reference", "prediction", "em", "f1", "rougeL", "content_f1", "content_recall", "nll"}
+    assert all(r["prediction"] == r["question"] for r in rows if r["model"] == "question_echo")
     cards, _ = clean_rows(bundled_cards()[:60])
     spec = SplitSpec.from_json(json.loads((curve_runs["eps2"] / "adapter" / "privacy_report.json").read_text())["split"])
     test_questions = [c["input"] for c in cards if assign_split(c, spec) == "test"]
@@ -267,8 +280,10 @@ def test_predictions_jsonl_holds_each_test_row_per_model_with_its_scores(evaluat
             assert r["f1"] == metrics.token_f1(r["prediction"], r["reference"])
             assert r["rougeL"] == metrics.rouge_l(r["prediction"], r["reference"])
             assert r["em"] == metrics.exact_match(r["prediction"], r["reference"])
+        # fp64 means of the same per-row values in another order: <= n_test ulps, far inside approx's rel 1e-6
         assert sum(r["f1"] for r in mine) / n_test == pytest.approx(model["metrics"]["f1"])
-        assert sum(r["nll"] for r in mine) / n_test == pytest.approx(model["metrics"]["nll"])
+        if model["kind"] != "baseline":
+            assert sum(r["nll"] for r in mine) / n_test == pytest.approx(model["metrics"]["nll"])
 
 
 def test_curve_png_is_written(evaluated):
@@ -288,11 +303,13 @@ def test_offline_wandb_run_holds_the_metrics_and_the_predictions_table(evaluated
     history = _read_wandb_records(run_dir)
     for model in results["models"]:
         for name in evaluate_qa.METRIC_NAMES:
-            assert history[f"eval/{model['name']}/{name}"] == pytest.approx(model["metrics"][name])
+            if model["metrics"][name] is not None:  # the echo baseline has no NLL to log
+                assert history[f"eval/{model['name']}/{name}"] == pytest.approx(model["metrics"][name])  # a JSON round trip: exact
     n_test = results["data"]["n"]
-    assert history["eval/predictions/nrows"] == 4 * n_test and history["eval/summary/nrows"] == 4
+    assert history["eval/predictions/nrows"] == 5 * n_test and history["eval/summary/nrows"] == 5
     table = json.loads(next(Path(run_dir).rglob("predictions_*.table.json")).read_text())
-    assert table["columns"] == ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "nll"] and len(table["data"]) == 4 * n_test
+    assert table["columns"] == ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "content_f1",
+                                "content_recall", "nll"] and len(table["data"]) == 5 * n_test
     assert next(Path(run_dir).rglob("privacy_utility_*.png"), None) is not None
 
 
@@ -318,6 +335,7 @@ def memorised(tmp_path_factory, tiny_model_dir):
     return {"model": root / "model", "run": run, "cards_file": cards_file, "cards": clean_rows(cards)[0]}
 
 
+@pytest.mark.numerics
 def test_model_fine_tuned_without_dp_scores_far_better_than_its_base_on_the_cards_it_memorised(memorised):
     # Through the library functions, not the CLI: evaluate_qa.py refuses to score training rows (a score on
     # them measures memorisation, never held-out quality), and there is deliberately no flag to allow it.
@@ -325,6 +343,8 @@ def test_model_fine_tuned_without_dp_scores_far_better_than_its_base_on_the_card
     for name, adapters in (("base", None), ("tuned", str(memorised["run"] / "adapter"))):
         model, tokenizer, _ = load_for_inference(adapters, str(memorised["model"]), device="cpu")
         scores[name], _ = evaluate_qa.score_model(model, tokenizer, memorised["cards"], settings, batch_size=16, metric=metric)
+    # utility bands, observed over training seeds 42 (this test) and 0-4 (1 thread): NLL ratio 0.35-0.37 (limit 0.6),
+    # F1 gain 0.74-0.94 and ROUGE-L gain 0.75-0.94 (limits 0.3): each limit sits at least 0.23 below the worst seed
     assert scores["tuned"]["nll"] < 0.6 * scores["base"]["nll"]
     assert scores["tuned"]["f1"] > scores["base"]["f1"] + 0.3
     assert scores["tuned"]["rougeL"] > scores["base"]["rougeL"] + 0.3
@@ -342,3 +362,13 @@ def test_a_checkpoint_is_described_with_its_own_privacy_report_and_the_runs_spli
     assert run["name"] == "eps2@step_000002"
     assert run["spec"] == SplitSpec.from_json(report["split"]) and run["run_dir"] == str(curve_runs["eps2"])
     assert run["epsilon"] == report["epsilon"] and run["dp_enabled"] is True
+
+
+def test_content_scores_give_no_credit_for_repeating_the_question():
+    question, reference = "What does insulin lower?", "Insulin lowers blood glucose."
+    assert metrics.token_f1(question, reference) > 0.2  # plain F1 credits the echo
+    assert metrics.content_f1(question, reference, question) == metrics.content_recall(question, reference, question) == 0.0
+    assert metrics.content_f1("Lowers blood glucose.", reference, question) == 1.0
+    # reference content tokens: lowers, blood, glucose ("insulin" is in the question); the prediction has 2 of them
+    assert metrics.content_recall("It lowers glucose.", reference, question) == pytest.approx(2 / 3)
+    assert metrics.content_recall("", "Insulin.", "What is insulin?") == 1.0  # nothing beyond the question to say

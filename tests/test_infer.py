@@ -170,7 +170,10 @@ def test_no_adapters_answers_with_the_base_model(base_dir, base_only, adapted, c
 # -----------------------------------------------------------------------------
 # prompt and generation
 
+@pytest.mark.numerics
 def test_greedy_answers_identical_in_batch_and_one_at_a_time(adapted):
+    # fp32 logits of a left-padded batch differ from a row alone by a few ulps of max|logit| (~10); greedy picks
+    # the same token while the top-2 gap is larger: its minimum over these 5 x 12 steps is 0.011, ~1e4 fp32 ulps
     model, tokenizer, _ = adapted
     batched = generate_answers(model, tokenizer, QUESTIONS, GREEDY, batch_size=4)
     single = [generate_answers(model, tokenizer, [q], GREEDY, batch_size=1)[0] for q in QUESTIONS]

@@ -168,6 +168,7 @@ def assert_same_as_reference(out: Path, reference: Path) -> None:
 EXTRA = {"checkpoint_replace", "results_write"}
 
 
+@pytest.mark.numerics  # a bitwise resume check (torch.equal of the adapters)
 @pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if name in EXTRA else []) for name in SCENARIOS])
 def test_kill_leaves_a_consistent_run_that_resumes_to_the_same_adapters(name, runs, tiny_model_dir, cards, capsys):
     reference, outs, codes, logs = runs

@@ -17,7 +17,7 @@ import torch
 
 import train_dp_lora
 from conftest import FP32_EPS, FP64_EPS, assert_close_scaled, bundled_cards, scaled_error, write_cards
-from utils import privacy, training
+from utils import privacy, train_args, training
 from utils.data import collate
 from utils.loss import per_example_loss
 from utils.prompt import encode_example
@@ -365,7 +365,7 @@ def test_delta_must_be_below_one_over_n():
         assert privacy.check_delta(1 / n, n) is not None and privacy.check_delta(2 / n, n) is not None
     args = train_dp_lora.parse_args(["--delta", "0.01"])
     with pytest.raises(train_dp_lora.cli.ArgumentErrors, match="must be in \\(0, 1/N\\)"):
-        train_dp_lora.validate_args(args, n_train=100)
+        train_args.validate_against_data(args, n_train=100)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -440,7 +440,7 @@ def adapter_tensors(adapter_dir):
 def test_accountant_steps_equal_optimizer_steps_at_the_logical_q_despite_physical_batches(instrumented_run):
     report = instrumented_run["report"]
     q = LOGICAL / report["n_train"]
-    assert report["sample_rate"] == q and report["steps"] == STEPS
+    assert report["sample_rate"] == q and report["steps_taken"] == STEPS
     assert len(instrumented_run["loss_calls"]) > STEPS  # several physical batches per logical step happened
     state = read_json(instrumented_run["out"] / "private_run_record" / "checkpoints" / f"step_{STEPS:06d}" / "privacy_record.json")
     assert state["accountant_history"] == [[report["noise_multiplier"], q, STEPS]]  # one entry per step, empty step included
@@ -450,16 +450,16 @@ def test_accountant_steps_equal_optimizer_steps_at_the_logical_q_despite_physica
 
 
 def test_empty_poisson_draw_is_a_counted_noise_only_step(instrumented_run):
-    report, logged = instrumented_run["report"], instrumented_run["logged"]
-    assert report["empty_steps"] == instrumented_run["empty"]
+    logged = instrumented_run["logged"]
+    assert instrumented_run["results"]["counters"]["empty_steps"] == instrumented_run["empty"]  # private record only
     losses = {step: values["train/loss"] for step, values in logged if "privacy/epsilon" in values}
     assert sorted(losses) == list(range(1, STEPS + 1))  # every step, the empty one included, is logged with its epsilon
     assert math.isnan(losses[EMPTY_STEP + 1])  # no row drawn: no loss to report
 
 
 def test_nan_loss_example_is_left_out_and_reported(instrumented_run):
-    report, logged = instrumented_run["report"], instrumented_run["logged"]
-    assert report["nonfinite_examples"] == 1
+    logged = instrumented_run["logged"]
+    assert instrumented_run["results"]["counters"]["nonfinite_examples"] == 1  # private record only
     assert all(torch.isfinite(t).all() for t in adapter_tensors(instrumented_run["out"] / "adapter").values())
     first = next(values for step, values in logged if step == 1)
     assert math.isfinite(first["train/loss"])  # the mean over the examples that count
@@ -467,7 +467,7 @@ def test_nan_loss_example_is_left_out_and_reported(instrumented_run):
 
 def test_final_epsilon_is_within_the_target(instrumented_run):
     report = instrumented_run["report"]
-    assert report["epsilon"] <= report["target_epsilon"] == 3.0 and not report["stopped_by_budget"]
+    assert report["epsilon"] <= report["target_epsilon"] == 3.0 and not instrumented_run["results"]["stopped_by_budget"]
     assert report["epsilon"] == pytest.approx(privacy.epsilon_after(STEPS, report["noise_multiplier"], report["sample_rate"], report["delta"], "prv"))
 
 
@@ -477,7 +477,7 @@ def test_released_adapters_are_the_last_steps_not_a_loss_selected_checkpoint(ins
     last = adapter_tensors(out / "private_run_record" / "checkpoints" / f"step_{STEPS:06d}" / "adapter")
     assert released.keys() == last.keys() and all(torch.equal(released[k], last[k]) for k in released)
     selected = read_json(out / "private_run_record" / "checkpoints" / "step_000002" / "adapter" / "privacy_report.json")
-    assert selected["selected_on_private_data"] and selected["selection"]["step"] == 2
+    assert selected["selected_on_private_data"] and selected["steps_taken"] == 2 and "--save_loss_threshold" in selected["selection"]
     assert any(not torch.equal(released[k], t) for k, t in adapter_tensors(out / "private_run_record" / "checkpoints" / "step_000002" / "adapter").items())
     assert instrumented_run["report"]["selected_on_private_data"] is False
 

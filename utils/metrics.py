@@ -6,6 +6,9 @@
 - rouge_l: the F-measure of ROUGE-L (longest common subsequence) from the `rouge_score` package on
   the raw texts, with its own tokenizer (lowercase, ASCII letters and digits only) and no stemming,
   the defaults of the Hugging Face `rouge` metric. `rouge_score` is imported on first use.
+- content_f1 / content_recall: token F1 and recall over the reference answer's normalised tokens that
+  are NOT in the question, so repeating the question earns nothing. A reference whose every token is
+  in the question has no content: both scores are then 1 if the prediction adds nothing either, else 0.
 - summarize: the mean of each per-example list.
 
 Scores are fractions in [0, 1].
@@ -38,6 +41,24 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(predicted), common / len(expected)
     return 2 * precision * recall / (precision + recall)
+
+
+def _content_tokens(text: str, question: str) -> list[str]:
+    asked = set(normalize_answer(question).split())
+    return [token for token in normalize_answer(text).split() if token not in asked]
+
+
+def content_f1(prediction: str, reference: str, question: str) -> float:
+    """Token F1 between prediction and reference after removing every token of the question from both."""
+    return token_f1(" ".join(_content_tokens(prediction, question)), " ".join(_content_tokens(reference, question)))
+
+
+def content_recall(prediction: str, reference: str, question: str) -> float:
+    """Share of the reference's non-question tokens (with multiplicity) that the prediction contains."""
+    expected, predicted = _content_tokens(reference, question), _content_tokens(prediction, question)
+    if not expected:
+        return float(not predicted)
+    return sum((collections.Counter(expected) & collections.Counter(predicted)).values()) / len(expected)
 
 
 def rouge_l(prediction: str, reference: str) -> float:

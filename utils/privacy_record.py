@@ -69,6 +69,7 @@ class PrivacyRecord:
     n_train: int
     secure_mode: bool
     world_size: int = 1
+    draw_split: str | None = None  # how W processes share one global draw (utils/distributed.py DRAW_SPLIT)
     split: dict | None = None  # the public SplitSpec: evaluation recomputes the held-out rows from it
     unit: str = "example: one row (flashcard) of the training split"
     neighbouring_relation: str = RELATION
