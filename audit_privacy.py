@@ -83,17 +83,35 @@ class AuditError(cli.UserError):
 
 @dataclass
 class AuditArguments:
-    output_dir: str = field(default="outputs/audit", metadata={"help": "audit files; the training run goes to OUTPUT_DIR/train"})
+    output_dir: str = field(
+        default="outputs/audit", metadata={"help": "audit files; the training run goes to OUTPUT_DIR/train"}
+    )
     num_canaries: int = field(default=64, metadata={"help": "m: canaries each inserted with probability 1/2"})
-    secret_length: int = field(default=8, metadata={"help": "digits in a canary's secret answer (|R| = 10^length)"})
-    canary_repeats: int = field(default=0, metadata={"help": "R >= 2: also insert --num_repeated_canaries canaries R times each (0 = none)"})
-    num_repeated_canaries: int = field(default=4, metadata={"help": "how many repeated canaries when --canary_repeats is set"})
-    exposure_alternatives: int = field(default=200, metadata={"help": "A: random alternative secrets per canary for exposure"})
+    secret_length: int = field(
+        default=8, metadata={"help": "digits in a canary's secret answer (|R| = 10^length)"}
+    )
+    canary_repeats: int = field(
+        default=0,
+        metadata={"help": "R >= 2: also insert --num_repeated_canaries canaries R times each (0 = none)"},
+    )
+    num_repeated_canaries: int = field(
+        default=4, metadata={"help": "how many repeated canaries when --canary_repeats is set"}
+    )
+    exposure_alternatives: int = field(
+        default=200, metadata={"help": "A: random alternative secrets per canary for exposure"}
+    )
     confidence: float = field(default=0.95, metadata={"help": "confidence of the epsilon lower bound"})
-    guess_fractions: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0], metadata={"help": "guess on this share of the m canaries (half in, half out); Bonferroni over them"})
-    seed: int = field(default=0, metadata={"help": "seeds the canaries, their inclusion and the alternatives"})
+    guess_fractions: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 1.0],
+        metadata={"help": "guess on this share of the m canaries (half in, half out); Bonferroni over them"},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "seeds the canaries, their inclusion and the alternatives"}
+    )
     score_batch_size: int = field(default=64, metadata={"help": "rows per forward pass when scoring"})
-    num_real_rows: int = field(default=0, metadata={"help": "use only the first K cleaned rows of the training --dataset (0 = all)"})
+    num_real_rows: int = field(
+        default=0, metadata={"help": "use only the first K cleaned rows of the training --dataset (0 = all)"}
+    )
 
 
 GROUPS = {"audit": AuditArguments}
@@ -103,9 +121,11 @@ def parse_args(argv=None):
     """Audit flags, then `--`, then train_dp_lora.py flags (stored as args.train)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    parser = cli.build_parser(__doc__.split("\n\n")[0] + " Training flags follow `--`.", GROUPS, config_flag=False)
+    parser = cli.build_parser(
+        __doc__.split("\n\n")[0] + " Training flags follow `--`.", GROUPS, config_flag=False
+    )
     args = cli.parse_into(parser, GROUPS, argv[:split])
-    args.train_argv = argv[split + 1:]
+    args.train_argv = argv[split + 1 :]
     args.train = train_args.parse_args(args.train_argv)
     return args
 
@@ -142,7 +162,9 @@ def validate_args(args) -> None:
 
 def guess_counts(m: int, fractions) -> list[int]:
     """r for each guess fraction: an even number of guesses, half "in" and half "out"."""
-    return sorted({2 * max(1, int(round(f * m / 2))) for f in fractions if 2 * max(1, int(round(f * m / 2))) <= m})
+    return sorted(
+        {2 * max(1, int(round(f * m / 2))) for f in fractions if 2 * max(1, int(round(f * m / 2))) <= m}
+    )
 
 
 def random_secret(rng: random.Random, length: int) -> str:
@@ -161,8 +183,13 @@ def make_canaries(a: AuditArguments, instruction: str, real_hashes: set, real_qu
             continue
         used.add(record)
         repeated = len(canaries) >= a.num_canaries
-        canary = {"index": len(canaries), "question": question, "secret": random_secret(rng, a.secret_length),
-                  "kind": "repeated" if repeated else "audit", "copies": a.canary_repeats if repeated else 1}
+        canary = {
+            "index": len(canaries),
+            "question": question,
+            "secret": random_secret(rng, a.secret_length),
+            "kind": "repeated" if repeated else "audit",
+            "copies": a.canary_repeats if repeated else 1,
+        }
         canary["included"] = True if repeated else rng.random() < 0.5
         canaries.append(canary)
     for canary in canaries:
@@ -218,11 +245,24 @@ def one_run_bound(scores, included, delta: float, confidence: float, fractions) 
     tries = []
     for r in counts:
         k = r // 2
-        correct = int(included[order[:k]].sum() + (~included[order[m - k:]]).sum())
-        tries.append({"guesses": r, "correct": correct, "epsilon_lower_bound": epsilon_lower_bound(m, r, correct, delta, level)})
+        correct = int(included[order[:k]].sum() + (~included[order[m - k :]]).sum())
+        tries.append(
+            {
+                "guesses": r,
+                "correct": correct,
+                "epsilon_lower_bound": epsilon_lower_bound(m, r, correct, delta, level),
+            }
+        )
     best = max(tries, key=lambda t: t["epsilon_lower_bound"])
-    return {"epsilon_lower_bound": best["epsilon_lower_bound"], "confidence": confidence, "delta": delta, "m": m,
-            "level_per_test": level, "best": best, "tries": tries}
+    return {
+        "epsilon_lower_bound": best["epsilon_lower_bound"],
+        "confidence": confidence,
+        "delta": delta,
+        "m": m,
+        "level_per_test": level,
+        "best": best,
+        "tries": tries,
+    }
 
 
 def roc_summary(scores, included) -> dict:
@@ -261,7 +301,9 @@ def score_canaries(run_dir: Path, train, canaries: list[dict], a: AuditArguments
     """Fine-tuned and base losses of every canary's secret, and the fine-tuned losses of the alternatives."""
     from utils.run_loading import load_for_inference
 
-    model, tokenizer, _ = load_for_inference(str(run_dir), train.model.model, load_in_4bit=train.model.load_in_4bit)
+    model, tokenizer, _ = load_for_inference(
+        str(run_dir), train.model.model, load_in_4bit=train.model.load_in_4bit
+    )
     cards = [c["rows"][0] for c in canaries]
     finetuned = training.cards_answer_nll(model, tokenizer, cards, a.score_batch_size)
     with model.disable_adapter():
@@ -284,13 +326,25 @@ def check_canary_lengths(canaries: list[dict], train) -> None:
 
     tokenizer = load_tokenizer(train.model.model)
     limit = train.data.max_seq_length
-    longest = max(len(encode_example(tokenizer, r["input"], r["output"], r["instruction"])["input_ids"]) for c in canaries for r in c["rows"])
+    longest = max(
+        len(encode_example(tokenizer, r["input"], r["output"], r["instruction"])["input_ids"])
+        for c in canaries
+        for r in c["rows"]
+    )
     if longest > limit:
-        raise cli.ArgumentErrors([f"canaries are up to {longest} tokens but --max_seq_length is {limit}; raise it or lower --secret_length"])
+        raise cli.ArgumentErrors(
+            [
+                f"canaries are up to {longest} tokens but --max_seq_length is {limit}; raise it or lower "
+                "--secret_length"
+            ]
+        )
 
 
 def write_canaries(path: Path, canaries: list[dict]) -> None:
-    path.write_text("".join(json.dumps({k: v for k, v in c.items() if k != "rows"}) + "\n" for c in canaries), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({k: v for k, v in c.items() if k != "rows"}) + "\n" for c in canaries),
+        encoding="utf-8",
+    )
 
 
 def write_audit_data(out: Path, a, t) -> tuple[list[dict], list[dict], str, Path]:
@@ -303,12 +357,16 @@ def write_audit_data(out: Path, a, t) -> tuple[list[dict], list[dict], str, Path
     check_canary_lengths(canaries, t)
     data_path = out / "audit_data.jsonl"
     rows = cards + [row for c in canaries if c["included"] for row in c["rows"]]
-    data_path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    data_path.write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
+    )
     write_canaries(out / "canaries.jsonl", canaries)
     return cards, canaries, instruction, data_path
 
 
-def audit_result(report: dict, canaries: list[dict], bound: dict, delta: float, a, run_dir: Path, forced: dict) -> dict:
+def audit_result(
+    report: dict, canaries: list[dict], bound: dict, delta: float, a, run_dir: Path, forced: dict
+) -> dict:
     audit = [c for c in canaries if c["kind"] == "audit"]
     scores, included = [c["score"] for c in audit], [c["included"] for c in audit]
     reported = report["epsilon"] if report["dp_enabled"] else None
@@ -330,14 +388,29 @@ def audit_result(report: dict, canaries: list[dict], bound: dict, delta: float, 
             "secret_space_bits": a.secret_length * math.log2(10),
             "measurable_bits": math.log2(a.exposure_alternatives + 1),
             "alternatives": a.exposure_alternatives,
-            "repeated": [{"index": c["index"], "copies": c["copies"], "exposure": c["exposure"]} for c in canaries if c["kind"] == "repeated"],
+            "repeated": [
+                {"index": c["index"], "copies": c["copies"], "exposure": c["exposure"]}
+                for c in canaries
+                if c["kind"] == "repeated"
+            ],
             "mean_included_once": mean_exposure([c for c in audit if c["included"]]),
             "mean_not_included": mean_exposure([c for c in audit if not c["included"]]),
         },
-        "canaries": {"audit": len(audit), "inserted": int(sum(included)), "repeated": sum(c["kind"] == "repeated" for c in canaries),
-                     "canary_repeats": a.canary_repeats, "secret_length": a.secret_length},
-        "training": {"run_dir": str(run_dir), "n_train": report["n_train"], "steps": report["steps_taken"],
-                     "noise_multiplier": report["noise_multiplier"], "sample_rate": report["sample_rate"], "forced_arguments": forced},
+        "canaries": {
+            "audit": len(audit),
+            "inserted": int(sum(included)),
+            "repeated": sum(c["kind"] == "repeated" for c in canaries),
+            "canary_repeats": a.canary_repeats,
+            "secret_length": a.secret_length,
+        },
+        "training": {
+            "run_dir": str(run_dir),
+            "n_train": report["n_train"],
+            "steps": report["steps_taken"],
+            "noise_multiplier": report["noise_multiplier"],
+            "sample_rate": report["sample_rate"],
+            "forced_arguments": forced,
+        },
     }
 
 
@@ -349,25 +422,38 @@ def main(args) -> dict:
     cards, canaries, instruction, data_path = write_audit_data(out, a, t)
 
     run_dir = out / "train"
-    forced = {"dataset": str(data_path), "validation_fraction": "0", "test_fraction": "0", "train_sample_fraction": "1",
-              "output_dir": str(run_dir), "overwrite_output_dir": "true"}
-    print(f"Audit: {a.num_canaries} canaries ({sum(c['included'] for c in canaries if c['kind'] == 'audit')} inserted)"
-          + (f" + {a.num_repeated_canaries} repeated x{a.canary_repeats}" if a.canary_repeats else "")
-          + f", {len(cards)} real rows -> {data_path}; training in {run_dir}", flush=True)
+    forced = {
+        "dataset": str(data_path),
+        "validation_fraction": "0",
+        "test_fraction": "0",
+        "train_sample_fraction": "1",
+        "output_dir": str(run_dir),
+        "overwrite_output_dir": "true",
+    }
+    print(
+        f"Audit: {a.num_canaries} canaries ({sum(c['included'] for c in canaries if c['kind'] == 'audit')} inserted)"
+        + (f" + {a.num_repeated_canaries} repeated x{a.canary_repeats}" if a.canary_repeats else "")
+        + f", {len(cards)} real rows -> {data_path}; training in {run_dir}",
+        flush=True,
+    )
     train_in_subprocess(args.train_argv + [x for key, value in forced.items() for x in (f"--{key}", value)])
     run = RunDir(run_dir)
     report, trained = read_json(run.public_report), read_json(run.data_summary_file)
     n_rows = len(cards) + sum(c["copies"] for c in canaries if c["included"])
     # every row is a training row (no held-out split), so the inclusion the bound assumes is the one that happened
     if trained["n_train"] != n_rows:
-        raise AuditError(f"training kept {trained['n_train']} of the {n_rows} audit rows; every inserted canary must be trained on")
+        raise AuditError(
+            f"training kept {trained['n_train']} of the {n_rows} audit rows; every inserted canary must be trained on"
+        )
 
     scored = score_canaries(run_dir, t, canaries, a, instruction)
     for canary, ft, base, alts in zip(canaries, scored["finetuned"], scored["base"], scored["alternatives"]):
         canary.update(loss_finetuned=ft, loss_base=base, score=ft - base, exposure=exposure(ft, alts))
     audit = [c for c in canaries if c["kind"] == "audit"]
     delta = report["delta"] if report["dp_enabled"] else t.privacy.delta or 1e-5  # the bound needs some delta
-    bound = one_run_bound([c["score"] for c in audit], [c["included"] for c in audit], delta, a.confidence, a.guess_fractions)
+    bound = one_run_bound(
+        [c["score"] for c in audit], [c["included"] for c in audit], delta, a.confidence, a.guess_fractions
+    )
     result = audit_result(report, canaries, bound, delta, a, run_dir, forced)
     write_json_atomic(out / "audit_report.json", result)
     write_canaries(out / "canaries.jsonl", canaries)
@@ -377,22 +463,31 @@ def main(args) -> dict:
 
 def summary_text(result: dict) -> str:
     attack, bound, exp = result["attack"], result["one_run_audit"], result["exposure"]
-    reported = (f"<= {format_epsilon(result['reported_epsilon'])} ({result['threat_model']})"
-                if result["reported_epsilon"] is not None else "none (--disable_dp)")
+    reported = (
+        f"<= {format_epsilon(result['reported_epsilon'])} ({result['threat_model']})"
+        if result["reported_epsilon"] is not None
+        else "none (--disable_dp)"
+    )
     lines = [
         "***** Privacy audit (one run, Steinke et al. 2023) *****",
-        f"  epsilon lower bound = {result['epsilon_lower_bound']:.3f} at {100 * result['confidence']:g}% confidence, delta = {format_delta(result['delta'])}"
+        f"  epsilon lower bound = {result['epsilon_lower_bound']:.3f} at {100 * result['confidence']:g}% "
+        f"confidence, delta = {format_delta(result['delta'])}"
         f" ({bound['best']['correct']}/{bound['best']['guesses']} guesses correct, m = {bound['m']})",
         f"  reported epsilon    = {reported}",
-        f"  attack AUC = {attack['auc']:.3f}; TPR at 1% FPR = {attack['tpr_at_fpr_0.01']:.3f}; TPR at 10% FPR = {attack['tpr_at_fpr_0.1']:.3f}",
+        f"  attack AUC = {attack['auc']:.3f}; TPR at 1% FPR = {attack['tpr_at_fpr_0.01']:.3f}; TPR at 10% "
+        f"FPR = {attack['tpr_at_fpr_0.1']:.3f}",
         f"  exposure (bits, max measurable {exp['measurable_bits']:.1f} of {exp['secret_space_bits']:.1f}): "
         f"inserted once {exp['mean_included_once']:.2f}, never inserted {exp['mean_not_included']:.2f}"
         + "".join(f"; repeated x{r['copies']} #{r['index']}: {r['exposure']:.2f}" for r in exp["repeated"]),
     ]
     if result["lower_bound_exceeds_reported"]:
-        lines.append("  WARNING: the lower bound exceeds the reported epsilon: the privacy guarantee does not hold for this run")
+        lines.append(
+            "  WARNING: the lower bound exceeds the reported epsilon: the privacy guarantee does not hold for this run"
+        )
     else:
-        lines.append("  A lower bound for this attack on this run, not a measure of how tight the reported epsilon is.")
+        lines.append(
+            "  A lower bound for this attack on this run, not a measure of how tight the reported epsilon is."
+        )
     return "\n".join(lines)
 
 
@@ -403,7 +498,9 @@ def train_in_subprocess(argv: list[str]) -> None:
     completed = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *argv], stderr=subprocess.PIPE, text=True)
     if completed.returncode != 0:
         lines = [line for line in completed.stderr.splitlines() if line.strip()]
-        first_error = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "no output")
+        first_error = next(
+            (line for line in lines if line.startswith("error:")), lines[-1] if lines else "no output"
+        )
         raise AuditError(f"training failed (exit {completed.returncode}): {first_error}")
 
 

@@ -38,7 +38,8 @@ Contract
 
 Run
     python evaluate_qa.py --adapters outputs/dp_lora/adapter
-    python evaluate_qa.py --adapters outputs/eps1 outputs/eps3 outputs/eps8 outputs/nodp --curve --output_dir outputs/curve
+    python evaluate_qa.py --adapters outputs/eps1 outputs/eps3 outputs/eps8 outputs/nodp --curve \\
+        --output_dir outputs/curve
     python evaluate_qa.py --adapters outputs/dp_lora --dataset my_heldout_cards.jsonl --max_samples 200 --report_to none
 Exit status 2 with a one-line error for bad input (including an evaluation set that overlaps training rows).
 """
@@ -76,29 +77,60 @@ class EvaluationError(UserError):
 
 @dataclass
 class ModelArguments:
-    adapters: list[str] = field(default_factory=list, metadata={"help": "one or more adapter dirs (OUT/adapter, OUT, a bundle copied anywhere, or a checkpoint dir)"})
-    model: str | None = field(default=None, metadata={"help": "base model; default: the one the runs were trained on (args.json)"})
+    adapters: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "one or more adapter dirs (OUT/adapter, OUT, a bundle copied anywhere, or a checkpoint dir)"
+        },
+    )
+    model: str | None = field(
+        default=None, metadata={"help": "base model; default: the one the runs were trained on (args.json)"}
+    )
     no_base: bool = field(default=False, metadata={"help": "do not score the base model"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "NF4 base (bitsandbytes), e.g. when training used --load_in_4bit"})
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "NF4 base (bitsandbytes), e.g. when training used --load_in_4bit"}
+    )
 
 
 @dataclass
 class DataArguments:
-    dataset: str | None = field(default=None, metadata={"help": "evaluate this flashcard source instead of the run's split (file, 'bundled' or hub id)"})
-    split: str | None = field(default=None, metadata={"help": "the run's held-out split; default test, or all rows of --dataset", "choices": ["test", "validation", "all"]})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "evaluate this flashcard source instead of the run's split (file, 'bundled' or hub id)"
+        },
+    )
+    split: str | None = field(
+        default=None,
+        metadata={
+            "help": "the run's held-out split; default test, or all rows of --dataset",
+            "choices": ["test", "validation", "all"],
+        },
+    )
     max_samples: int = field(default=0, metadata={"help": "evaluate only the first K rows (0 = all)"})
     batch_size: int = field(default=8, metadata={"help": "questions per generation / NLL batch"})
 
 
 @dataclass
 class OutputArguments:
-    output_dir: str | None = field(default=None, metadata={"help": "default OUT/private_run_record/eval (one run) or outputs/eval"})
-    curve: bool = field(default=False, metadata={"help": f"draw {CURVE_FILE}: F1 and ROUGE-L against epsilon"})
-    report_to: str = field(default="wandb", metadata={"help": "experiment tracker", "choices": ["wandb", "tensorboard", "none"]})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "default OUT/private_run_record/eval (one run) or outputs/eval"}
+    )
+    curve: bool = field(
+        default=False, metadata={"help": f"draw {CURVE_FILE}: F1 and ROUGE-L against epsilon"}
+    )
+    report_to: str = field(
+        default="wandb", metadata={"help": "experiment tracker", "choices": ["wandb", "tensorboard", "none"]}
+    )
     project_name: str = field(default="vaultgemma-dp-lora", metadata={"help": "tracker project"})
 
 
-GROUPS = {"model": ModelArguments, "data": DataArguments, "generation": GenerationSettings, "output": OutputArguments}
+GROUPS = {
+    "model": ModelArguments,
+    "data": DataArguments,
+    "generation": GenerationSettings,
+    "output": OutputArguments,
+}
 
 
 def parse_args(argv=None):
@@ -112,19 +144,24 @@ def validate_args(args) -> None:
     if not m.adapters:
         problems.append("--adapters: give at least one adapter directory")
     if d.split == "all" and not d.dataset:
-        problems.append("--split all needs --dataset (a run's own data has train rows; use test or validation)")
+        problems.append(
+            "--split all needs --dataset (a run's own data has train rows; use test or validation)"
+        )
     if d.max_samples < 0:
         problems.append(f"--max_samples must be >= 0, got {d.max_samples}")
     if d.batch_size < 1:
         problems.append(f"--batch_size must be >= 1, got {d.batch_size}")
     if o.curve and m.adapters and len(m.adapters) < 2:
-        problems.append("--curve needs several --adapters (e.g. runs at epsilon 1, 3, 8 and a --disable_dp run)")
+        problems.append(
+            "--curve needs several --adapters (e.g. runs at epsilon 1, 3, 8 and a --disable_dp run)"
+        )
     if problems:
         raise cli.ArgumentErrors(problems)
 
 
 # -----------------------------------------------------------------------------
 # runs and data
+
 
 def describe_run(adapters: str) -> dict:
     """What evaluation needs to know about one adapter: its public report, split spec and a display name."""
@@ -134,8 +171,10 @@ def describe_run(adapters: str) -> dict:
         raise EvaluationError(str(error)) from None
     report = found.public_report
     if not report or not report.get("split"):
-        raise EvaluationError(f"{found.adapter_dir}: no privacy_report.json with a split spec, so its training rows are "
-                              "unknown; evaluate a release bundle written by train_dp_lora.py")
+        raise EvaluationError(
+            f"{found.adapter_dir}: no privacy_report.json with a split spec, so its training rows are "
+            "unknown; evaluate a release bundle written by train_dp_lora.py"
+        )
     spec = SplitSpec.from_json(report["split"])
     step_dir = found.adapter_dir.parent
     if found.run_dir is not None:
@@ -153,7 +192,9 @@ def describe_run(adapters: str) -> dict:
         "spec": spec,
         "dataset": (args.get("data") or {}).get("dataset"),  # from the private record, when it is at hand
         "dp_enabled": dp,
-        "epsilon": float(epsilon) if dp and isinstance(epsilon, (int, float)) else (math.inf if not dp else None),
+        "epsilon": float(epsilon)
+        if dp and isinstance(epsilon, (int, float))
+        else (math.inf if not dp else None),
         "target_epsilon": report.get("target_epsilon"),
         "delta": report.get("delta") if dp else None,
         "accountant": report.get("accountant") if dp else None,
@@ -173,7 +214,9 @@ def unique_names(runs: list[dict]) -> None:
             run["name"] = f"{run['name']}#{count + 1}"
 
 
-def load_eval_cards(runs: list[dict], dataset: str | None, split: str | None, max_samples: int) -> tuple[list[dict], dict]:
+def load_eval_cards(
+    runs: list[dict], dataset: str | None, split: str | None, max_samples: int
+) -> tuple[list[dict], dict]:
     """The evaluation rows and where they came from; refuses any row that a run trained on.
 
     The held-out split is recomputed from the data and the first run's public split spec: no
@@ -183,8 +226,10 @@ def load_eval_cards(runs: list[dict], dataset: str | None, split: str | None, ma
     first = runs[0]
     source_name = dataset or first["dataset"]
     if source_name is None:
-        raise EvaluationError(f"{first['adapter_dir']} is a bundle without its private run record: pass --dataset "
-                              "with the data file it was trained on (its held-out rows are recomputed) or with other cards")
+        raise EvaluationError(
+            f"{first['adapter_dir']} is a bundle without its private run record: pass --dataset "
+            "with the data file it was trained on (its held-out rows are recomputed) or with other cards"
+        )
     cards, _ = clean_rows(read_rows(source_name))
     if split == "all":
         source = {"dataset": source_name, "split": "all rows"}
@@ -192,8 +237,10 @@ def load_eval_cards(runs: list[dict], dataset: str | None, split: str | None, ma
         cards = [card for card in cards if assign_split(card, first["spec"]) == split]
         source = {"dataset": source_name, "split": f"held-out {split} split of {first['name']}"}
         if not cards:
-            raise EvaluationError(f"the {split} split of {first['name']} is empty (trained with --{split}_fraction 0?); "
-                                  "pass --dataset with held-out cards")
+            raise EvaluationError(
+                f"the {split} split of {first['name']} is empty (trained with --{split}_fraction 0?); "
+                "pass --dataset with held-out cards"
+            )
     check_no_training_rows(cards, runs)
     if max_samples:
         cards = cards[:max_samples]
@@ -210,11 +257,16 @@ def check_no_training_rows(cards: list[dict], runs: list[dict]) -> None:
         if shared:
             overlaps.append(f"{shared} of {len(cards)} rows are training rows of {run['name']}")
     if overlaps:
-        raise EvaluationError("refusing to evaluate on training data: " + "; ".join(overlaps) + ". Evaluate on held-out rows only")
+        raise EvaluationError(
+            "refusing to evaluate on training data: "
+            + "; ".join(overlaps)
+            + ". Evaluate on held-out rows only"
+        )
 
 
 # -----------------------------------------------------------------------------
 # scoring (library functions; the tests call these directly)
+
 
 def load_metric():
     """The project's offline `evaluate` module (metrics/qa_metrics)."""
@@ -223,36 +275,67 @@ def load_metric():
     return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
 
 
-def score_predictions(cards: list[dict], predictions: list[str], nll: list[float] | None, metric) -> tuple[dict, list[dict]]:
+def score_predictions(
+    cards: list[dict], predictions: list[str], nll: list[float] | None, metric
+) -> tuple[dict, list[dict]]:
     """(summary metrics, per-card rows) of `predictions`; nll None (a baseline with no model) reports NaN."""
     from utils.metrics import content_f1, content_recall
 
-    scores = metric.compute(predictions=predictions, references=[c["output"] for c in cards], per_example=True)
+    scores = metric.compute(
+        predictions=predictions, references=[c["output"] for c in cards], per_example=True
+    )
     per_example = dict(scores["per_example"])
     per_example["content_f1"] = [content_f1(p, c["output"], c["input"]) for p, c in zip(predictions, cards)]
-    per_example["content_recall"] = [content_recall(p, c["output"], c["input"]) for p, c in zip(predictions, cards)]
+    per_example["content_recall"] = [
+        content_recall(p, c["output"], c["input"]) for p, c in zip(predictions, cards)
+    ]
     nll = nll if nll is not None else [math.nan] * len(cards)
     summary = {name: sum(values) / len(values) for name, values in per_example.items()}
     summary["nll"] = sum(nll) / len(nll)
     summary["perplexity"] = math.exp(summary["nll"]) if summary["nll"] < 700 else math.inf
-    rows = [{"question": c["input"], "reference": c["output"], "prediction": p, "em": per_example["exact_match"][i],
-             "f1": per_example["f1"][i], "rougeL": per_example["rougeL"][i], "content_f1": per_example["content_f1"][i],
-             "content_recall": per_example["content_recall"][i], "nll": nll[i]}
-            for i, (c, p) in enumerate(zip(cards, predictions))]
+    rows = [
+        {
+            "question": c["input"],
+            "reference": c["output"],
+            "prediction": p,
+            "em": per_example["exact_match"][i],
+            "f1": per_example["f1"][i],
+            "rougeL": per_example["rougeL"][i],
+            "content_f1": per_example["content_f1"][i],
+            "content_recall": per_example["content_recall"][i],
+            "nll": nll[i],
+        }
+        for i, (c, p) in enumerate(zip(cards, predictions))
+    ]
     return summary, rows
 
 
-def score_model(model, tokenizer, cards: list[dict], settings: GenerationSettings, batch_size: int = 8,
-                metric=None, progress: bool = False) -> tuple[dict, list[dict]]:
+def score_model(
+    model,
+    tokenizer,
+    cards: list[dict],
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    metric=None,
+    progress: bool = False,
+) -> tuple[dict, list[dict]]:
     """(summary metrics, per-card rows) of one model on `cards`."""
-    predictions = generate_answers(model, tokenizer, [c["input"] for c in cards], settings, batch_size=batch_size,
-                                   instructions=[c["instruction"] for c in cards], progress=progress)
+    predictions = generate_answers(
+        model,
+        tokenizer,
+        [c["input"] for c in cards],
+        settings,
+        batch_size=batch_size,
+        instructions=[c["instruction"] for c in cards],
+        progress=progress,
+    )
     nll = training.cards_answer_nll(model, tokenizer, cards, batch_size, progress)
     return score_predictions(cards, predictions, nll, metric or load_metric())
 
 
 # -----------------------------------------------------------------------------
 # reporting
+
 
 def _epsilon_text(entry: dict) -> str:
     if entry["kind"] in ("base", "baseline"):
@@ -264,19 +347,40 @@ def _epsilon_text(entry: dict) -> str:
 
 
 def format_table(entries: list[dict]) -> str:
-    header = ["model", "epsilon", "delta", "EM", "F1", "ROUGE-L", "content F1", "content recall", "NLL", "perplexity"]
-    lines = [[e["name"], _epsilon_text(e), format_delta(e["delta"]) if e.get("delta") else "-",
-              *(f"{e['metrics'][k]:.4f}" if math.isfinite(e["metrics"][k]) else "-" for k in METRIC_NAMES)]
-             for e in entries]
+    header = [
+        "model",
+        "epsilon",
+        "delta",
+        "EM",
+        "F1",
+        "ROUGE-L",
+        "content F1",
+        "content recall",
+        "NLL",
+        "perplexity",
+    ]
+    lines = [
+        [
+            e["name"],
+            _epsilon_text(e),
+            format_delta(e["delta"]) if e.get("delta") else "-",
+            *(f"{e['metrics'][k]:.4f}" if math.isfinite(e["metrics"][k]) else "-" for k in METRIC_NAMES),
+        ]
+        for e in entries
+    ]
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
-    render = lambda row: "  ".join(str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))  # noqa: E731
+    render = lambda row: "  ".join(
+        str(cell).ljust(w) if i == 0 else str(cell).rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+    )  # noqa: E731
     out = [render(header), "  ".join("-" * w for w in widths), *map(render, lines)]
     if any(e.get("selected_on_private_data") for e in entries):
         out.append("* checkpoint selected on private data: its epsilon does not cover that selection")
     if any(e["kind"] == "adapter" and e["dp_enabled"] and not e.get("secure_mode") for e in entries):
         out.append("seeded: the guarantee holds only against someone who does not know the seed")
-    out.append(f"{ECHO_NAME}: the question itself as the answer, the score overlap metrics give for free; "
-               "content F1/recall count only reference tokens that are not in the question")
+    out.append(
+        f"{ECHO_NAME}: the question itself as the answer, the score overlap metrics give for free; "
+        "content F1/recall count only reference tokens that are not in the question"
+    )
     return "\n".join(out)
 
 
@@ -291,14 +395,18 @@ def _label(source: str) -> str:
     return Path(source).name if os.path.exists(source) else source
 
 
-def plot_privacy_utility(entries: list[dict], path: str, *, model: str, dataset: str, split: str, n: int) -> str:
+def plot_privacy_utility(
+    entries: list[dict], path: str, *, model: str, dataset: str, split: str, n: int
+) -> str:
     """PNG of F1 and ROUGE-L against epsilon; non-private runs right of a broken axis; base model dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    private = sorted((e for e in entries if e["kind"] == "adapter" and e["dp_enabled"]), key=lambda e: e["epsilon"])
+    private = sorted(
+        (e for e in entries if e["kind"] == "adapter" and e["dp_enabled"]), key=lambda e: e["epsilon"]
+    )
     public = [e for e in entries if e["kind"] == "adapter" and not e["dp_enabled"]]
     base = next((e for e in entries if e["kind"] == "base"), None)
     echo = next((e for e in entries if e["kind"] == "baseline"), None)
@@ -312,24 +420,64 @@ def plot_privacy_utility(entries: list[dict], path: str, *, model: str, dataset:
     right = fig.add_subplot(grid[1], sharey=left)
     epsilons = [e["epsilon"] for e in private]
     for key, label, color, marker, offset in series:
-        left.plot(epsilons, [e["metrics"][key] for e in private], marker=marker, color=color, label=f"{label}, DP fine-tuned")
+        left.plot(
+            epsilons,
+            [e["metrics"][key] for e in private],
+            marker=marker,
+            color=color,
+            label=f"{label}, DP fine-tuned",
+        )
         for e in private:
-            left.annotate(f"{e['metrics'][key]:.3f}", (e["epsilon"], e["metrics"][key]), textcoords="offset points",
-                          xytext=(0, offset), ha="center", fontsize=8, color=color)
+            left.annotate(
+                f"{e['metrics'][key]:.3f}",
+                (e["epsilon"], e["metrics"][key]),
+                textcoords="offset points",
+                xytext=(0, offset),
+                ha="center",
+                fontsize=8,
+                color=color,
+            )
         if public:
             values = [e["metrics"][key] for e in public]
-            right.plot([0] * len(values), values, linestyle="none", marker=marker, markersize=9, markerfacecolor="white",
-                       markeredgewidth=2, color=color, label=f"{label}, non-private (--disable_dp)")
+            right.plot(
+                [0] * len(values),
+                values,
+                linestyle="none",
+                marker=marker,
+                markersize=9,
+                markerfacecolor="white",
+                markeredgewidth=2,
+                color=color,
+                label=f"{label}, non-private (--disable_dp)",
+            )
             for value in values:
-                right.annotate(f"{value:.3f}", (0, value), textcoords="offset points", xytext=(0, offset + (2 if offset > 0 else -2)), ha="center", fontsize=8, color=color)
+                right.annotate(
+                    f"{value:.3f}",
+                    (0, value),
+                    textcoords="offset points",
+                    xytext=(0, offset + (2 if offset > 0 else -2)),
+                    ha="center",
+                    fontsize=8,
+                    color=color,
+                )
         if echo is not None:
             for axis in (left, right):
-                axis.axhline(echo["metrics"][key], color=color, linestyle=":", linewidth=1,
-                             label=f"{label}, question echoed as the answer" if axis is left else None)
+                axis.axhline(
+                    echo["metrics"][key],
+                    color=color,
+                    linestyle=":",
+                    linewidth=1,
+                    label=f"{label}, question echoed as the answer" if axis is left else None,
+                )
         if base is not None:
             for axis in (left, right):
-                axis.axhline(base["metrics"][key], color=color, linestyle="--", linewidth=1,
-                             label=f"{label}, base model (no fine-tuning)" if axis is left else None)
+                axis.axhline(
+                    base["metrics"][key],
+                    color=color,
+                    linestyle="--",
+                    linewidth=1,
+                    label=f"{label}, base model (no fine-tuning)" if axis is left else None,
+                )
     left.set_xscale("log")
     left.set_xticks(epsilons)
     left.set_xticklabels([format_epsilon(x) for x in epsilons])
@@ -349,7 +497,15 @@ def plot_privacy_utility(entries: list[dict], path: str, *, model: str, dataset:
     if public:  # broken-axis marks: the non-private point is not at any finite epsilon
         left.spines["right"].set_visible(False)
         right.spines["left"].set_visible(False)
-        kwargs = dict(marker=[(-1, -1.5), (1, 1.5)], markersize=10, linestyle="none", color="k", mec="k", mew=1, clip_on=False)
+        kwargs = dict(
+            marker=[(-1, -1.5), (1, 1.5)],
+            markersize=10,
+            linestyle="none",
+            color="k",
+            mec="k",
+            mew=1,
+            clip_on=False,
+        )
         left.plot([1, 1], [0, 1], transform=left.transAxes, **kwargs)
         right.plot([0, 0], [0, 1], transform=right.transAxes, **kwargs)
     else:
@@ -358,31 +514,69 @@ def plot_privacy_utility(entries: list[dict], path: str, *, model: str, dataset:
     accountants = sorted({e["accountant"] for e in private if e.get("accountant")})
     delta_text = "δ = " + ", ".join(format_delta(d) for d in deltas) if deltas else "δ unknown"
     fig.suptitle(f"Privacy–utility trade-off: {_label(model)} + LoRA on {_label(dataset)}", fontsize=12)
-    left.set_title(f"{split}, N = {n} flashcards; example-level DP, {delta_text}"
-                   + (f" ({', '.join(accountants)} accountant)" if accountants else "")
-                   + ("; seeded: holds only against someone who does not know the seed" if any(not e.get("secure_mode") for e in private) else "")
-                   + "; greedy answers", fontsize=9, loc="left")
+    left.set_title(
+        f"{split}, N = {n} flashcards; example-level DP, {delta_text}"
+        + (f" ({', '.join(accountants)} accountant)" if accountants else "")
+        + (
+            "; seeded: holds only against someone who does not know the seed"
+            if any(not e.get("secure_mode") for e in private)
+            else ""
+        )
+        + "; greedy answers",
+        fontsize=9,
+        loc="left",
+    )
     handles, labels = left.get_legend_handles_labels()
     more_handles, more_labels = right.get_legend_handles_labels()
-    fig.legend(handles + more_handles, labels + more_labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.legend(
+        handles + more_handles, labels + more_labels, loc="lower center", ncol=3, fontsize=8, frameon=False
+    )
     fig.subplots_adjust(bottom=0.24, top=0.86, left=0.09, right=0.97)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def log_to_tracker(accelerator, report_to: str, entries: list[dict], predictions: list[dict], curve_path: str | None) -> None:
-    metrics = {f"eval/{e['name']}/{k}": e["metrics"][k] for e in entries for k in METRIC_NAMES if math.isfinite(e["metrics"][k])}
+def log_to_tracker(
+    accelerator, report_to: str, entries: list[dict], predictions: list[dict], curve_path: str | None
+) -> None:
+    metrics = {
+        f"eval/{e['name']}/{k}": e["metrics"][k]
+        for e in entries
+        for k in METRIC_NAMES
+        if math.isfinite(e["metrics"][k])
+    }
     accelerator.log(metrics, step=0)
     if report_to != "wandb":
         return
     import wandb
 
     run = accelerator.get_tracker("wandb", unwrap=True)
-    summary = wandb.Table(columns=["model", "dp_enabled", "epsilon", "delta", *METRIC_NAMES],
-                          data=[[e["name"], e["dp_enabled"], _json_number(e.get("epsilon")), e.get("delta"), *(_json_number(e["metrics"][k]) for k in METRIC_NAMES)]
-                                for e in entries])
-    columns = ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "content_f1", "content_recall", "nll"]
+    summary = wandb.Table(
+        columns=["model", "dp_enabled", "epsilon", "delta", *METRIC_NAMES],
+        data=[
+            [
+                e["name"],
+                e["dp_enabled"],
+                _json_number(e.get("epsilon")),
+                e.get("delta"),
+                *(_json_number(e["metrics"][k]) for k in METRIC_NAMES),
+            ]
+            for e in entries
+        ],
+    )
+    columns = [
+        "model",
+        "question",
+        "reference",
+        "prediction",
+        "em",
+        "f1",
+        "rougeL",
+        "content_f1",
+        "content_recall",
+        "nll",
+    ]
     table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in predictions])
     logged = {"eval/summary": summary, "eval/predictions": table}
     if curve_path:
@@ -392,34 +586,63 @@ def log_to_tracker(accelerator, report_to: str, entries: list[dict], predictions
 
 # -----------------------------------------------------------------------------
 
+
 def shared_base_model(runs: list[dict], model: str | None) -> str | None:
     """--model, else the one base model every run was trained on."""
     base_models = sorted({r["base_model"] for r in runs if r["base_model"]})
     if not model and len(base_models) > 1:
-        raise EvaluationError(f"the adapters were trained on different base models ({', '.join(base_models)}); "
-                              "evaluate them separately")
+        raise EvaluationError(
+            f"the adapters were trained on different base models ({', '.join(base_models)}); "
+            "evaluate them separately"
+        )
     return model or (base_models[0] if base_models else None)
 
 
-def score_all(jobs: list[dict], cards: list[dict], base_model, args, accelerator) -> tuple[list[dict], list[dict]]:
+def score_all(
+    jobs: list[dict], cards: list[dict], base_model, args, accelerator
+) -> tuple[list[dict], list[dict]]:
     """The question-echo baseline, then every model: (table entries, prediction rows)."""
     m, d, g = args.model, args.data, args.generation
     metric = load_metric()
     summary, rows = score_predictions(cards, [c["input"] for c in cards], None, metric)
-    entries = [dict(name=ECHO_NAME, kind="baseline", dp_enabled=False, epsilon=None, delta=None, metrics=summary)]
+    entries = [
+        dict(name=ECHO_NAME, kind="baseline", dp_enabled=False, epsilon=None, delta=None, metrics=summary)
+    ]
     predictions = [dict(model=ECHO_NAME, **row) for row in rows]
     for job in jobs:
-        model, tokenizer, info = load_for_inference(job["adapters"], base_model, load_in_4bit=m.load_in_4bit, device=accelerator.device)
+        model, tokenizer, info = load_for_inference(
+            job["adapters"], base_model, load_in_4bit=m.load_in_4bit, device=accelerator.device
+        )
         accelerator.print(f"[{job['name']}] {info['privacy']}")
-        summary, rows = score_model(model, tokenizer, cards, g, d.batch_size, metric, progress=accelerator.is_local_main_process)
+        summary, rows = score_model(
+            model, tokenizer, cards, g, d.batch_size, metric, progress=accelerator.is_local_main_process
+        )
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the next model loads into the memory this one held
-        keys = ("dp_enabled", "epsilon", "target_epsilon", "delta", "accountant", "steps", "n_train", "secure_mode",
-                "selected_on_private_data")
+        keys = (
+            "dp_enabled",
+            "epsilon",
+            "target_epsilon",
+            "delta",
+            "accountant",
+            "steps",
+            "n_train",
+            "secure_mode",
+            "selected_on_private_data",
+        )
         flags = ("dp_enabled", "secure_mode", "selected_on_private_data")
-        entries.append(dict({k: job.get(k, False if k in flags else None) for k in keys}, name=job["name"], kind=job["kind"], base_model=info["base_model"],
-                            adapter_dir=info["adapter_dir"], run_dir=info["run_dir"], metrics=summary))
+        entries.append(
+            dict(
+                {k: job.get(k, False if k in flags else None) for k in keys},
+                name=job["name"],
+                kind=job["kind"],
+                base_model=info["base_model"],
+                adapter_dir=info["adapter_dir"],
+                run_dir=info["run_dir"],
+                metrics=summary,
+            )
+        )
         predictions.extend(dict(model=job["name"], **row) for row in rows)
     return entries, predictions
 
@@ -428,14 +651,23 @@ def write_results(output_dir: Path, entries, predictions, source: dict, args, cu
     results = {
         "data": source,
         "generation": dataclasses.asdict(args.generation),
-        "metric_definitions": {"exact_match": "SQuAD-normalised exact match", "f1": "SQuAD-normalised token F1",
-                               "rougeL": "rouge_score ROUGE-L F-measure, no stemming",
-                               "content_f1": "token F1 over the reference tokens not in the question",
-                               "content_recall": "share of the reference's non-question tokens in the prediction",
-                               "nll": "mean over rows of the reference answer's mean token NLL (EOS included), teacher forcing",
-                               "perplexity": "exp(nll)"},
-        "models": [dict(e, epsilon=_json_number(e["epsilon"]) if e.get("epsilon") is not None else None,
-                        metrics={k: _json_number(v) for k, v in e["metrics"].items()}) for e in entries],
+        "metric_definitions": {
+            "exact_match": "SQuAD-normalised exact match",
+            "f1": "SQuAD-normalised token F1",
+            "rougeL": "rouge_score ROUGE-L F-measure, no stemming",
+            "content_f1": "token F1 over the reference tokens not in the question",
+            "content_recall": "share of the reference's non-question tokens in the prediction",
+            "nll": "mean over rows of the reference answer's mean token NLL (EOS included), teacher forcing",
+            "perplexity": "exp(nll)",
+        },
+        "models": [
+            dict(
+                e,
+                epsilon=_json_number(e["epsilon"]) if e.get("epsilon") is not None else None,
+                metrics={k: _json_number(v) for k, v in e["metrics"].items()},
+            )
+            for e in entries
+        ],
         "curve": curve_path,
     }
     write_json_atomic(output_dir / RESULTS_FILE, results)
@@ -458,32 +690,62 @@ def main(args):
     cards, source = load_eval_cards(runs, d.dataset, d.split, d.max_samples)
 
     # the predictions hold the evaluated rows' text: by default they stay in the run's private record
-    default_dir = RunDir(runs[0]["run_dir"]).private / "eval" if len(runs) == 1 and runs[0]["run_dir"] else Path("outputs/eval")
+    default_dir = (
+        RunDir(runs[0]["run_dir"]).private / "eval"
+        if len(runs) == 1 and runs[0]["run_dir"]
+        else Path("outputs/eval")
+    )
     output_dir = Path(o.output_dir or default_dir)
     wandb_mode = tracking.prepare_wandb_environment() if o.report_to == "wandb" else None
-    accelerator = Accelerator(log_with=tracking.tracker_names(o.report_to) or None, project_dir=str(output_dir))
+    accelerator = Accelerator(
+        log_with=tracking.tracker_names(o.report_to) or None, project_dir=str(output_dir)
+    )
     if accelerator.num_processes > 1:
-        raise EvaluationError("run evaluate_qa.py as one process (python evaluate_qa.py ...), not under a multi-process accelerate launch")
+        raise EvaluationError(
+            "run evaluate_qa.py as one process (python evaluate_qa.py ...), not under a multi-process accelerate launch"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.init_trackers(o.project_name, config=tracking.flatten_config(cli.to_dict(args)),
-                              init_kwargs=tracking.tracker_init_kwargs(o.report_to, str(output_dir), job_type="eval"))
-    accelerator.print(f"Evaluating {len(runs) + (not m.no_base)} model(s) on {source['n']} flashcards ({source['split']}, "
-                      f"{source['dataset']}); no evaluated row is a training row of any run")
+    accelerator.init_trackers(
+        o.project_name,
+        config=tracking.flatten_config(cli.to_dict(args)),
+        init_kwargs=tracking.tracker_init_kwargs(o.report_to, str(output_dir), job_type="eval"),
+    )
+    accelerator.print(
+        f"Evaluating {len(runs) + (not m.no_base)} model(s) on {source['n']} flashcards ({source['split']}, "
+        f"{source['dataset']}); no evaluated row is a training row of any run"
+    )
 
-    jobs = ([] if m.no_base else [{"name": BASE_NAME, "kind": "base", "adapters": None}]) + \
-        [dict(r, kind="adapter", adapters=r["adapter_dir"]) for r in runs]
+    jobs = ([] if m.no_base else [{"name": BASE_NAME, "kind": "base", "adapters": None}]) + [
+        dict(r, kind="adapter", adapters=r["adapter_dir"]) for r in runs
+    ]
     entries, predictions = score_all(jobs, cards, base_model, args, accelerator)
-    curve_path = plot_privacy_utility(entries, str(output_dir / CURVE_FILE), model=base_model or entries[-1]["base_model"],
-                                      dataset=source["dataset"], split=source["split"], n=source["n"]) if o.curve else None
+    curve_path = (
+        plot_privacy_utility(
+            entries,
+            str(output_dir / CURVE_FILE),
+            model=base_model or entries[-1]["base_model"],
+            dataset=source["dataset"],
+            split=source["split"],
+            n=source["n"],
+        )
+        if o.curve
+        else None
+    )
     results = write_results(output_dir, entries, predictions, source, args, curve_path)
     if o.report_to != "none":
         log_to_tracker(accelerator, o.report_to, entries, predictions, curve_path)
     run_dir = tracking.wandb_run_dir(accelerator) if o.report_to == "wandb" else None
     accelerator.end_training()
     accelerator.print("\n" + format_table(entries))
-    accelerator.print(f"\n  results: {output_dir / RESULTS_FILE}; predictions: {output_dir / PREDICTIONS_FILE}"
-                      + (f"; curve: {curve_path}" if curve_path else "")
-                      + (f"\n  W&B offline run: {run_dir}; upload with `wandb sync {run_dir}`" if run_dir and wandb_mode == "offline" else ""))
+    accelerator.print(
+        f"\n  results: {output_dir / RESULTS_FILE}; predictions: {output_dir / PREDICTIONS_FILE}"
+        + (f"; curve: {curve_path}" if curve_path else "")
+        + (
+            f"\n  W&B offline run: {run_dir}; upload with `wandb sync {run_dir}`"
+            if run_dir and wandb_mode == "offline"
+            else ""
+        )
+    )
     return dict(results, output_dir=str(output_dir), wandb_run_dir=run_dir)
 
 

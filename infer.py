@@ -20,7 +20,8 @@ Contract
 
 Run
     python infer.py --adapters outputs/dp_lora/adapter --question "What are the symptoms of diabetes?"
-    python infer.py --adapters outputs/dp_lora/private_run_record/checkpoints/step_000100 --questions_file questions.txt --output answers.jsonl
+    python infer.py --adapters outputs/dp_lora/private_run_record/checkpoints/step_000100 \\
+        --questions_file questions.txt --output answers.jsonl
     cat questions.txt | python infer.py --adapters outputs/dp_lora --batch_size 16
     python infer.py --model gemma3-270m --question "What causes gout?"          # base model, no adapters
     python infer.py --adapters outputs/dp_lora --merge --do_sample --temperature 0.7 --top_p 0.9 --question "..."
@@ -41,19 +42,44 @@ from utils.run_dir import RunDirError, find_adapters
 
 @dataclass
 class ModelArguments:
-    adapters: str | None = field(default=None, metadata={"help": "OUT/adapter (or a copy), OUT, or a checkpoint dir of a training run; none = base model alone"})
-    model: str | None = field(default=None, metadata={"help": "base model; default: the one the adapters were trained on (google/vaultgemma-1b without --adapters)"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "NF4 + double quantization base (bitsandbytes), as in training"})
-    merge: bool = field(default=False, metadata={"help": "merge the adapters into the base weights (faster; not with --load_in_4bit)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ...; default cuda if available"})
+    adapters: str | None = field(
+        default=None,
+        metadata={
+            "help": "OUT/adapter (or a copy), OUT, or a checkpoint dir of a training run; none = base model alone"
+        },
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "base model; default: the one the adapters were trained on (google/vaultgemma-1b "
+            "without --adapters)"
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "NF4 + double quantization base (bitsandbytes), as in training"}
+    )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "merge the adapters into the base weights (faster; not with --load_in_4bit)"},
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:1, ...; default cuda if available"}
+    )
 
 
 @dataclass
 class InputArguments:
-    questions_file: str | None = field(default=None, metadata={"help": "text file (one question per line) or JSONL (\"question\" or \"input\" field)"})
-    instruction: str | None = field(default=None, metadata={"help": "instruction line of the prompt; default: the training default"})
+    questions_file: str | None = field(
+        default=None,
+        metadata={"help": 'text file (one question per line) or JSONL ("question" or "input" field)'},
+    )
+    instruction: str | None = field(
+        default=None, metadata={"help": "instruction line of the prompt; default: the training default"}
+    )
     batch_size: int = field(default=8, metadata={"help": "questions generated together (left padding)"})
-    output: str | None = field(default=None, metadata={"help": "write question, answer and settings per line to this .jsonl file"})
+    output: str | None = field(
+        default=None, metadata={"help": "write question, answer and settings per line to this .jsonl file"}
+    )
 
 
 GROUPS = {"model": ModelArguments, "input": InputArguments, "generation": GenerationSettings}
@@ -65,8 +91,14 @@ class InputError(UserError):
 
 def build_parser():
     parser = cli.build_parser(__doc__.split("\n\n")[0], GROUPS)
-    parser.add_argument("--question", action="extend", nargs="+", default=None, metavar="TEXT",
-                        help="a question to answer (repeatable); none and no --questions_file = read standard input")
+    parser.add_argument(
+        "--question",
+        action="extend",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="a question to answer (repeatable); none and no --questions_file = read standard input",
+    )
     return parser
 
 
@@ -118,9 +150,11 @@ def parse_questions(lines: list[str], source: str, jsonl: bool) -> list[tuple[st
             raise InputError(f"{source} line {n}: not valid JSON") from None
         question = record.get("question", record.get("input")) if isinstance(record, dict) else None
         if not isinstance(question, str) or not question.strip():
-            raise InputError(f"{source} line {n}: no non-empty \"question\" or \"input\" field")
+            raise InputError(f'{source} line {n}: no non-empty "question" or "input" field')
         instruction = record.get("instruction")
-        pairs.append((question.strip(), instruction if isinstance(instruction, str) and instruction.strip() else None))
+        pairs.append(
+            (question.strip(), instruction if isinstance(instruction, str) and instruction.strip() else None)
+        )
     return pairs
 
 
@@ -145,7 +179,9 @@ def collect_questions(args) -> list[tuple[str, str | None]]:
     if not pairs:
         pairs = parse_questions(sys.stdin.read().splitlines(), "standard input", jsonl=False)
         if not pairs:
-            raise InputError("no questions: pass --question, --questions_file, or questions on standard input")
+            raise InputError(
+                "no questions: pass --question, --questions_file, or questions on standard input"
+            )
     return pairs
 
 
@@ -160,16 +196,28 @@ def _finite(value):
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def jsonl_record(question: str, instruction: str | None, answer: str, info: dict, settings: GenerationSettings) -> dict:
+def jsonl_record(
+    question: str, instruction: str | None, answer: str, info: dict, settings: GenerationSettings
+) -> dict:
     report = info["privacy_report"] or {}
     return {
         "question": question,
         "instruction": instruction,
         "answer": answer,
-        "model": {"base_model": info["base_model"], "adapters": info["adapter_dir"], "merged": info["merged"], "load_in_4bit": info["load_in_4bit"]},
-        "privacy": {"summary": info["privacy"], "epsilon": _finite(report.get("epsilon")), "delta": _finite(report.get("delta")),
-                    "dp_enabled": report.get("dp_enabled"), "threat_model": report.get("threat_model"),
-                    "selected_on_private_data": report.get("selected_on_private_data")},
+        "model": {
+            "base_model": info["base_model"],
+            "adapters": info["adapter_dir"],
+            "merged": info["merged"],
+            "load_in_4bit": info["load_in_4bit"],
+        },
+        "privacy": {
+            "summary": info["privacy"],
+            "epsilon": _finite(report.get("epsilon")),
+            "delta": _finite(report.get("delta")),
+            "dp_enabled": report.get("dp_enabled"),
+            "threat_model": report.get("threat_model"),
+            "selected_on_private_data": report.get("selected_on_private_data"),
+        },
         "generation": dataclasses.asdict(settings),
     }
 
@@ -184,7 +232,14 @@ def answer_interactively(model, tokenizer, info, args) -> list[dict]:
     results = []
     for line in sys.stdin:
         if line.strip():
-            answer = generate_answers(model, tokenizer, [line.strip()], args.generation, instructions=[args.input.instruction], streamer=streamer)[0]
+            answer = generate_answers(
+                model,
+                tokenizer,
+                [line.strip()],
+                args.generation,
+                instructions=[args.input.instruction],
+                streamer=streamer,
+            )[0]
             results.append(jsonl_record(line.strip(), args.input.instruction, answer, info, args.generation))
     return results
 
@@ -203,9 +258,14 @@ def main(args) -> list[dict]:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     print(f"loading {m.adapters or 'base model'} ...", file=sys.stderr, flush=True)
-    model, tokenizer, info = load_for_inference(m.adapters, m.model, load_in_4bit=m.load_in_4bit, merge=m.merge, device=m.device)
+    model, tokenizer, info = load_for_inference(
+        m.adapters, m.model, load_in_4bit=m.load_in_4bit, merge=m.merge, device=m.device
+    )
     if info["trained_in_4bit"] and not m.load_in_4bit:
-        print("note: these adapters were trained on a 4-bit base; pass --load_in_4bit to match training", file=sys.stderr)
+        print(
+            "note: these adapters were trained on a 4-bit base; pass --load_in_4bit to match training",
+            file=sys.stderr,
+        )
     if interactive:
         return answer_interactively(model, tokenizer, info, args)
 
@@ -215,10 +275,23 @@ def main(args) -> list[dict]:
     if stream:
         print(header(info), flush=True)
         streamer = AnswerStreamer(tokenizer, stop_token_ids(model, tokenizer))
-        answers = generate_answers(model, tokenizer, questions, settings, instructions=instructions, streamer=streamer)
+        answers = generate_answers(
+            model, tokenizer, questions, settings, instructions=instructions, streamer=streamer
+        )
     else:
-        answers = generate_answers(model, tokenizer, questions, settings, batch_size=i.batch_size, instructions=instructions, progress=len(questions) > 1)
-    records = [jsonl_record(q, instruction, a, info, settings) for q, instruction, a in zip(questions, instructions, answers)]
+        answers = generate_answers(
+            model,
+            tokenizer,
+            questions,
+            settings,
+            batch_size=i.batch_size,
+            instructions=instructions,
+            progress=len(questions) > 1,
+        )
+    records = [
+        jsonl_record(q, instruction, a, info, settings)
+        for q, instruction, a in zip(questions, instructions, answers)
+    ]
     if i.output:
         Path(i.output).parent.mkdir(parents=True, exist_ok=True)
         with open(i.output, "w", encoding="utf-8") as handle:

@@ -42,11 +42,28 @@ from pathlib import Path
 import torch
 
 from utils import cli, distributed, privacy, tracking, training
-from utils.data import BUNDLED_DATASET, DataError, SplitSpec, clean_rows, collate, fingerprint, is_local_source, read_rows
+from utils.data import (
+    BUNDLED_DATASET,
+    DataError,
+    SplitSpec,
+    clean_rows,
+    collate,
+    fingerprint,
+    is_local_source,
+    read_rows,
+)
 from utils.data import split_cards, tokenize_cards
 from utils.model_card import model_card
 from utils.privacy_record import PrivacyRecord, format_epsilon, replace_one_epsilon
-from utils.run_dir import RunDir, RunDirError, atomic_directory, crash_point, read_json, write_bundle_contents, write_json_atomic
+from utils.run_dir import (
+    RunDir,
+    RunDirError,
+    atomic_directory,
+    crash_point,
+    read_json,
+    write_bundle_contents,
+    write_json_atomic,
+)
 from utils.train_args import GROUPS, parse_args, validate_against_data, validate_args  # noqa: F401 - GROUPS for --help tests
 
 # Every metric sent to the tracker, and what it is computed from. Epsilon covers none of the
@@ -76,15 +93,33 @@ def prepare_data(args, tokenizer) -> Data:
     spec = SplitSpec(d.split_seed, d.validation_fraction, d.test_fraction, d.train_sample_fraction)
     split = split_cards(cards, spec)
     train, too_long_train = tokenize_cards(tokenizer, [cards[i] for i in split["train"]], d.max_seq_length)
-    validation, too_long_val = tokenize_cards(tokenizer, [cards[i] for i in split["validation"]], d.max_seq_length)
+    validation, too_long_val = tokenize_cards(
+        tokenizer, [cards[i] for i in split["validation"]], d.max_seq_length
+    )
     if len(train) < 2 and too_long_train:
-        lengths = sorted(len(tokenizer(c["input"] + " " + c["output"])["input_ids"]) for c in (cards[i] for i in split["train"]))
-        raise DataError(f"{too_long_train} of {len(split['train'])} training rows are longer than --max_seq_length "
-                        f"{d.max_seq_length} tokens (lengths: min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
-                        f"max {lengths[-1]}, plus the prompt template); raise --max_seq_length")
-    source = str(Path(d.dataset).resolve()) if d.dataset != BUNDLED_DATASET and is_local_source(d.dataset) else d.dataset
-    summary = dict(cleaning, dataset=source, skipped_too_long=too_long_train + too_long_val, n_train=len(train),
-                   n_validation=len(validation), n_test=len(split["test"]), n_unsampled=len(split["unsampled"]))
+        lengths = sorted(
+            len(tokenizer(c["input"] + " " + c["output"])["input_ids"])
+            for c in (cards[i] for i in split["train"])
+        )
+        raise DataError(
+            f"{too_long_train} of {len(split['train'])} training rows are longer than --max_seq_length "
+            f"{d.max_seq_length} tokens (lengths: min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
+            f"max {lengths[-1]}, plus the prompt template); raise --max_seq_length"
+        )
+    source = (
+        str(Path(d.dataset).resolve())
+        if d.dataset != BUNDLED_DATASET and is_local_source(d.dataset)
+        else d.dataset
+    )
+    summary = dict(
+        cleaning,
+        dataset=source,
+        skipped_too_long=too_long_train + too_long_val,
+        n_train=len(train),
+        n_validation=len(validation),
+        n_test=len(split["test"]),
+        n_unsampled=len(split["unsampled"]),
+    )
     return Data(train, validation, spec, summary, fingerprint(cards))
 
 
@@ -97,22 +132,45 @@ def plan_privacy(args, n_train: int, world_size: int, spec: SplitSpec) -> tuple[
     delta = (p.delta if p.delta is not None else privacy.default_delta(n_train)) if dp else None
     sigma = privacy.calibrate_noise(p.epsilon, delta, q, steps, p.accountant) if dp else 0.0
     budget = privacy.step_budget(p.epsilon, delta, sigma, q, p.accountant, steps) if dp else steps
-    record = PrivacyRecord(dp_enabled=dp, target_epsilon=p.epsilon if dp else None, delta=delta, noise_multiplier=sigma,
-                           sample_rate=q, max_grad_norm=p.max_grad_norm if dp else None,
-                           expected_batch_size=t.logical_batch_size, planned_steps=steps, accountant=p.accountant,
-                           n_train=n_train, secure_mode=p.secure_mode, world_size=world_size,
-                           draw_split=distributed.DRAW_SPLIT, split=spec.to_json())
+    record = PrivacyRecord(
+        dp_enabled=dp,
+        target_epsilon=p.epsilon if dp else None,
+        delta=delta,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        max_grad_norm=p.max_grad_norm if dp else None,
+        expected_batch_size=t.logical_batch_size,
+        planned_steps=steps,
+        accountant=p.accountant,
+        n_train=n_train,
+        secure_mode=p.secure_mode,
+        world_size=world_size,
+        draw_split=distributed.DRAW_SPLIT,
+        split=spec.to_json(),
+    )
     return record, budget
 
 
 def run_identity(args, data: Data, tokenizer, model) -> dict:
     """Private facts a resume must match beyond the mechanism: the data, split, tokenizer, model and LoRA."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {"dataset_fingerprint": data.fingerprint, "split": data.spec.to_json(), "max_seq_length": args.data.max_seq_length,
-            "tokenizer": distributed.digest_hex({"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_ids}),
-            "model": distributed.digest_hex({"name": args.model.model, "config": base.config.to_diff_dict(),
-                                             "load_in_4bit": args.model.load_in_4bit}),
-            "lora": dataclasses.asdict(args.lora), "seed": args.training.seed}
+    return {
+        "dataset_fingerprint": data.fingerprint,
+        "split": data.spec.to_json(),
+        "max_seq_length": args.data.max_seq_length,
+        "tokenizer": distributed.digest_hex(
+            {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_ids}
+        ),
+        "model": distributed.digest_hex(
+            {
+                "name": args.model.model,
+                "config": base.config.to_diff_dict(),
+                "load_in_4bit": args.model.load_in_4bit,
+            }
+        ),
+        "lora": dataclasses.asdict(args.lora),
+        "seed": args.training.seed,
+    }
 
 
 class Trainer:
@@ -120,9 +178,19 @@ class Trainer:
 
     def __init__(self, args, record: PrivacyRecord, budget: int, model, tokenizer, data: Data, accelerator):
         p, t = args.privacy, args.training
-        self.args, self.record, self.budget, self.model, self.tokenizer = args, record, budget, model, tokenizer
+        self.args, self.record, self.budget, self.model, self.tokenizer = (
+            args,
+            record,
+            budget,
+            model,
+            tokenizer,
+        )
         self.train, self.validation = data.train, data.validation
-        self.device, self.world, self.rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+        self.device, self.world, self.rank = (
+            accelerator.device,
+            accelerator.num_processes,
+            accelerator.process_index,
+        )
         self.params = [x for x in model.parameters() if x.requires_grad]
         if self.world > 1:
             distributed.broadcast_trainable_parameters(self.params)
@@ -134,13 +202,29 @@ class Trainer:
             if not p.secure_mode:
                 self.noise_generator = torch.Generator(device=self.device).manual_seed(t.seed + 1)
             # with several processes: noise once, on rank 0; the all-reduced sum is divided by the logical batch once
-            self.optimizer = privacy.make_dp_optimizer(self.optimizer, record.noise_multiplier, p.max_grad_norm,
-                                                       t.logical_batch_size, self.noise_generator, p.secure_mode, self.world)
+            self.optimizer = privacy.make_dp_optimizer(
+                self.optimizer,
+                record.noise_multiplier,
+                p.max_grad_norm,
+                t.logical_batch_size,
+                self.noise_generator,
+                p.secure_mode,
+                self.world,
+            )
             self.accountant = privacy.make_accountant(p.accountant)
-            self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=record.sample_rate))
-            self.logged_epsilon = privacy.LoggedEpsilon(self.accountant, p.accountant, record.delta, t.epsilon_log_steps,
-                                                        min(record.planned_steps, budget))
-        self.sampler = privacy.PoissonSampler(len(self.train), record.sample_rate, t.seed, secure_mode=p.secure_mode)
+            self.optimizer.attach_step_hook(
+                self.accountant.get_optimizer_hook_fn(sample_rate=record.sample_rate)
+            )
+            self.logged_epsilon = privacy.LoggedEpsilon(
+                self.accountant,
+                p.accountant,
+                record.delta,
+                t.epsilon_log_steps,
+                min(record.planned_steps, budget),
+            )
+        self.sampler = privacy.PoissonSampler(
+            len(self.train), record.sample_rate, t.seed, secure_mode=p.secure_mode
+        )
         self.lengths = [len(e["input_ids"]) for e in self.train]
         self.counters = {"empty_steps": 0, "nonfinite_examples": 0}  # private: they depend on the data
         self.recent_losses = collections.deque(maxlen=t.loss_window)
@@ -155,17 +239,26 @@ class Trainer:
         batches = privacy.physical_batches(mine, self.lengths, t.per_device_train_batch_size)
         losses = []
         for i, rows in enumerate(batches):
-            batch = {k: v.to(self.device) for k, v in collate([self.train[r] for r in rows], self.tokenizer.pad_token_id).items()}
-            example_losses, nonfinite = training.backward_examples(self.model, batch, self.params, dp, t.logical_batch_size)
+            batch = {
+                k: v.to(self.device)
+                for k, v in collate([self.train[r] for r in rows], self.tokenizer.pad_token_id).items()
+            }
+            example_losses, nonfinite = training.backward_examples(
+                self.model, batch, self.params, dp, t.logical_batch_size
+            )
             losses.append(example_losses)
             self.counters["nonfinite_examples"] += nonfinite
-            if dp and i < len(batches) - 1:  # clip and accumulate this physical batch; noise once per logical batch
+            if (
+                dp and i < len(batches) - 1
+            ):  # clip and accumulate this physical batch; noise once per logical batch
                 self.optimizer.signal_skip_step(do_skip=True)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
             if i == 0:
                 crash_point(f"step_{self.scheduler.last_epoch + 1}:mid")  # test-only (utils/run_dir.py)
-        if not batches:  # an empty draw, or an empty share of it: this rank still steps and joins the all-reduce
+        if (
+            not batches
+        ):  # an empty draw, or an empty share of it: this rank still steps and joins the all-reduce
             self.counters["empty_steps"] += int(not drawn)
             privacy.prepare_empty_step(self.params, dp)
         if self.world > 1 and not dp:
@@ -193,35 +286,56 @@ class Trainer:
         if not self.validation:
             return float("nan")
         t = self.args.training
-        losses = training.answer_nll(self.model, distributed.shard(self.validation, self.rank, self.world),
-                                     t.per_device_train_batch_size, self.tokenizer.pad_token_id)
+        losses = training.answer_nll(
+            self.model,
+            distributed.shard(self.validation, self.rank, self.world),
+            t.per_device_train_batch_size,
+            self.tokenizer.pad_token_id,
+        )
         mean = sum(losses) / len(losses) if losses else float("nan")
         return mean if self.world == 1 else distributed.mean_across_ranks(mean, len(losses), self.device)
 
     def record_at(self, steps_taken: int, selection: str | None = None, final: bool = False) -> PrivacyRecord:
         """The privacy record as of `steps_taken`; replace-one epsilon (1-2 s) only in a checkpoint or the end."""
         history = [tuple(h) for h in self.accountant.history] if self.accountant else []
-        record = dataclasses.replace(self.record, steps_taken=steps_taken, accountant_history=history,
-                                     selected_on_private_data=selection is not None, selection=selection)
+        record = dataclasses.replace(
+            self.record,
+            steps_taken=steps_taken,
+            accountant_history=history,
+            selected_on_private_data=selection is not None,
+            selection=selection,
+        )
         if record.dp_enabled:
             delta = record.delta
             record.epsilon = privacy.accountant_epsilon(self.accountant, delta) if history else 0.0
-            record.epsilon_rdp = privacy.epsilon_after(steps_taken, record.noise_multiplier, record.sample_rate, delta, "rdp")
+            record.epsilon_rdp = privacy.epsilon_after(
+                steps_taken, record.noise_multiplier, record.sample_rate, delta, "rdp"
+            )
             record.epsilon_replace_one = replace_one_epsilon(history, delta) if history else 0.0
             if record.forks:  # each earlier branch is assumed to run to the planned end
                 fork_steps = record.forks * (record.planned_steps - record.lineage[-1]["resumed_at_step"])
-                record.epsilon_with_forks = privacy.epsilon_after(steps_taken + fork_steps, record.noise_multiplier,
-                                                                  record.sample_rate, delta, record.accountant)
+                record.epsilon_with_forks = privacy.epsilon_after(
+                    steps_taken + fork_steps,
+                    record.noise_multiplier,
+                    record.sample_rate,
+                    delta,
+                    record.accountant,
+                )
         return record
 
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": training.rng_state(self.noise_generator)}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": training.rng_state(self.noise_generator),
+        }
 
     def restore(self, state: dict, accountant_history) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        training.restore_rng_state(distributed.rng_state_for_rank(state, self.rank, self.world), self.noise_generator)
+        training.restore_rng_state(
+            distributed.rng_state_for_rank(state, self.rank, self.world), self.noise_generator
+        )
         if self.accountant is not None:
             self.accountant.history = [tuple(h) for h in accountant_history]
 
@@ -229,13 +343,25 @@ class Trainer:
 # -----------------------------------------------------------------------------
 # checkpoints, resume and the release
 
-def save_checkpoint(run: RunDir, trainer: Trainer, step: int, record: PrivacyRecord, identity: dict, resolved: dict,
-                    counters: dict, rng_per_rank=None) -> None:
+
+def save_checkpoint(
+    run: RunDir,
+    trainer: Trainer,
+    step: int,
+    record: PrivacyRecord,
+    identity: dict,
+    resolved: dict,
+    counters: dict,
+    rng_per_rank=None,
+) -> None:
     """Everything a resume needs, as one atomic step_NNNNNN/ directory in the private run record."""
+
     def write(tmp):
         write_bundle(tmp / "adapter", trainer, record, resolved)
-        torch.save(dict(trainer.state(), step=step, **({"rng_per_rank": rng_per_rank} if rng_per_rank else {})),
-                   tmp / "training_state.pt")
+        torch.save(
+            dict(trainer.state(), step=step, **({"rng_per_rank": rng_per_rank} if rng_per_rank else {})),
+            tmp / "training_state.pt",
+        )
         write_json_atomic(tmp / "privacy_record.json", record.to_json())
         write_json_atomic(tmp / "run_identity.json", identity)
         write_json_atomic(tmp / "counters.json", counters)
@@ -244,8 +370,12 @@ def save_checkpoint(run: RunDir, trainer: Trainer, step: int, record: PrivacyRec
 
 
 def write_bundle(directory: Path, trainer: Trainer, record: PrivacyRecord, resolved: dict) -> None:
-    card = model_card(record, resolved["model"]["model"], trainer.model.peft_config["default"].to_dict(),
-                      resolved["data"] | {"seed": resolved["data"]["split_seed"]})
+    card = model_card(
+        record,
+        resolved["model"]["model"],
+        trainer.model.peft_config["default"].to_dict(),
+        resolved["data"] | {"seed": resolved["data"]["split_seed"]},
+    )
     write_bundle_contents(directory, trainer.model, trainer.tokenizer, record.to_json(), card)
 
 
@@ -259,23 +389,34 @@ def resume(run: RunDir, args, trainer: Trainer, identity: dict) -> int:
     saved_identity = read_json(path / "run_identity.json")
     problems = trainer.record.compatible_with(saved) + [
         f"{key}: checkpoint {saved_identity.get(key)!r} vs now {identity[key]!r}"
-        for key in identity if saved_identity.get(key) != identity[key]]
+        for key in identity
+        if saved_identity.get(key) != identity[key]
+    ]
     if problems:
         raise cli.ArgumentErrors([f"cannot resume from {path}: {problem}" for problem in problems])
     resumes_file = path / "resumes.json"
     earlier = read_json(resumes_file)["resumes"] if resumes_file.is_file() else []
     forks = saved.forks
-    if saved.secure_mode and earlier:  # a seeded resume replays the same draws and noise; a secure one does not
+    if (
+        saved.secure_mode and earlier
+    ):  # a seeded resume replays the same draws and noise; a secure one does not
         if not args.privacy.accept_forked_resume:
-            raise cli.ArgumentErrors([
-                f"{path} was already resumed {len(earlier)} time(s) in --secure_mode: another branch from it spends "
-                "more than one run's epsilon; pass --accept_forked_resume to accept the composed cost (then reported)"])
+            raise cli.ArgumentErrors(
+                [
+                    f"{path} was already resumed {len(earlier)} time(s) in --secure_mode: another branch "
+                    "from it spends "
+                    "more than one run's epsilon; pass --accept_forked_resume to accept the composed cost "
+                    "(then reported)"
+                ]
+            )
         forks += len(earlier)
     state = torch.load(path / "training_state.pt", weights_only=False)
     set_peft_model_state_dict(trainer.model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
     trainer.restore(state, saved.accountant_history)
     trainer.counters.update(read_json(path / "counters.json"))
-    trainer.record.lineage = saved.lineage + [{"resumed_at_step": state["step"], "secure_mode": saved.secure_mode}]
+    trainer.record.lineage = saved.lineage + [
+        {"resumed_at_step": state["step"], "secure_mode": saved.secure_mode}
+    ]
     trainer.record.forks = forks
     if trainer.rank == 0:
         write_json_atomic(resumes_file, {"resumes": earlier + [{"at": time.strftime("%Y-%m-%dT%H:%M:%S")}]})
@@ -284,13 +425,17 @@ def resume(run: RunDir, args, trainer: Trainer, identity: dict) -> int:
 
 def gather_rng(trainer: Trainer):
     """Every rank's RNG state for a checkpoint (collective), or None with one process."""
-    return distributed.gather_rng_states(training.rng_state(trainer.noise_generator)) if trainer.world > 1 else None
+    return (
+        distributed.gather_rng_states(training.rng_state(trainer.noise_generator))
+        if trainer.world > 1
+        else None
+    )
 
 
 def summed_counters(trainer: Trainer) -> dict:
     if trainer.world == 1:
         return dict(trainer.counters)
-    nonfinite, = distributed.sum_across_ranks([trainer.counters["nonfinite_examples"]], trainer.device)
+    (nonfinite,) = distributed.sum_across_ranks([trainer.counters["nonfinite_examples"]], trainer.device)
     return dict(trainer.counters, nonfinite_examples=int(nonfinite))  # empty_steps are global already
 
 
@@ -298,22 +443,31 @@ def run_summary(args, trainer: Trainer, data: Data, start_step: int) -> str:
     m, t, r = args.model, args.training, trainer.record
     n_trainable = sum(x.numel() for x in trainer.params)
     n_total = sum(x.numel() for x in trainer.model.parameters())
-    privacy_line = (f"  target (epsilon, delta) = ({args.privacy.epsilon}, {r.delta:.3g}); noise multiplier = {r.noise_multiplier:.4f}; "
-                    f"clip norm = {args.privacy.max_grad_norm}; accountant = {r.accountant}; {r.threat_model}"
-                    if r.dp_enabled else "  NO privacy guarantee: --disable_dp")
-    return (f"***** Running {'DP' if r.dp_enabled else 'NON-PRIVATE'} LoRA training *****\n"
-            f"  model {m.model} on {trainer.device}" + (f" and {trainer.world - 1} more processes" if trainer.world > 1 else "")
-            + f"; trainable {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)\n"
-            f"  N (training rows) = {r.n_train}; validation {len(data.validation)}; test {data.summary['n_test']}\n"
-            f"  skipped rows: {data.summary['skipped_empty']} empty, {data.summary['duplicates_dropped']} duplicates, "
-            f"{data.summary['skipped_too_long']} too long\n"
-            f"  logical batch (expected) = {t.logical_batch_size}, physical batch = {t.per_device_train_batch_size}, "
-            f"sample rate q = {r.sample_rate:.5f}\n"
-            f"  steps = {r.planned_steps} (from step {start_step})" + (f", step budget = {trainer.budget}\n" if r.dp_enabled else "\n")
-            + privacy_line)
+    privacy_line = (
+        f"  target (epsilon, delta) = ({args.privacy.epsilon}, {r.delta:.3g}); noise multiplier = "
+        f"{r.noise_multiplier:.4f}; "
+        f"clip norm = {args.privacy.max_grad_norm}; accountant = {r.accountant}; {r.threat_model}"
+        if r.dp_enabled
+        else "  NO privacy guarantee: --disable_dp"
+    )
+    return (
+        f"***** Running {'DP' if r.dp_enabled else 'NON-PRIVATE'} LoRA training *****\n"
+        f"  model {m.model} on {trainer.device}"
+        + (f" and {trainer.world - 1} more processes" if trainer.world > 1 else "")
+        + f"; trainable {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)\n"
+        f"  N (training rows) = {r.n_train}; validation {len(data.validation)}; test {data.summary['n_test']}\n"
+        f"  skipped rows: {data.summary['skipped_empty']} empty, {data.summary['duplicates_dropped']} duplicates, "
+        f"{data.summary['skipped_too_long']} too long\n"
+        f"  logical batch (expected) = {t.logical_batch_size}, physical batch = {t.per_device_train_batch_size}, "
+        f"sample rate q = {r.sample_rate:.5f}\n"
+        f"  steps = {r.planned_steps} (from step {start_step})"
+        + (f", step budget = {trainer.budget}\n" if r.dp_enabled else "\n")
+        + privacy_line
+    )
 
 
 # -----------------------------------------------------------------------------
+
 
 def main(args) -> dict:
     from accelerate import Accelerator
@@ -326,13 +480,20 @@ def main(args) -> dict:
     m, t = args.model, args.training
     run = RunDir(t.output_dir)
     if not t.resume_from_checkpoint and run.holds_a_run() and not t.overwrite_output_dir:
-        raise RunDirError(f"{run.root} already holds a run; pass --overwrite_output_dir to replace it, "
-                          "or --resume_from_checkpoint latest to continue it")
-    if t.resume_from_checkpoint:  # a missing checkpoint is one line at once, before the model and data are loaded
+        raise RunDirError(
+            f"{run.root} already holds a run; pass --overwrite_output_dir to replace it, "
+            "or --resume_from_checkpoint latest to continue it"
+        )
+    if (
+        t.resume_from_checkpoint
+    ):  # a missing checkpoint is one line at once, before the model and data are loaded
         run.find_checkpoint(t.resume_from_checkpoint)
     wandb_mode = tracking.prepare_wandb_environment() if t.report_to == "wandb" else None
-    accelerator = Accelerator(log_with=tracking.tracker_names(t.report_to) or None, project_dir=str(run.tracking_dir),
-                              cpu=distributed.needs_cpu_backend())
+    accelerator = Accelerator(
+        log_with=tracking.tracker_names(t.report_to) or None,
+        project_dir=str(run.tracking_dir),
+        cpu=distributed.needs_cpu_backend(),
+    )
     distributed.check_launch(accelerator)
     set_seed(t.seed, device_specific=True)  # rank r: seed + r (dropout); LoRA init comes from rank 0
     say = print if accelerator.is_main_process else (lambda *a, **k: None)  # global rank 0 only
@@ -343,9 +504,14 @@ def main(args) -> dict:
     record, budget = plan_privacy(args, len(data.train), accelerator.num_processes, data.spec)
     model = build_model(args, tokenizer, accelerator.device, accelerator.mixed_precision)
     identity = run_identity(args, data, tokenizer, model)
-    if accelerator.num_processes > 1:  # e.g. nodes reading different data or tokenizers would process other rows
-        distributed.check_same_on_all_ranks("the privacy plan, data and tokenizer",
-                                            [record.to_json(), identity, [len(e["input_ids"]) for e in data.train]], accelerator.device)
+    if (
+        accelerator.num_processes > 1
+    ):  # e.g. nodes reading different data or tokenizers would process other rows
+        distributed.check_same_on_all_ranks(
+            "the privacy plan, data and tokenizer",
+            [record.to_json(), identity, [len(e["input_ids"]) for e in data.train]],
+            accelerator.device,
+        )
     trainer = Trainer(args, record, budget, model, tokenizer, data, accelerator)
     start_step = resume(run, args, trainer, identity) if t.resume_from_checkpoint else 0
 
@@ -355,24 +521,38 @@ def main(args) -> dict:
         write_json_atomic(run.args_file, resolved)
         write_json_atomic(run.data_summary_file, data.summary)
     accelerator.wait_for_everyone()
-    accelerator.init_trackers(t.project_name, config=tracking.flatten_config(resolved),
-                              init_kwargs=tracking.tracker_init_kwargs(t.report_to, str(run.tracking_dir)))
+    accelerator.init_trackers(
+        t.project_name,
+        config=tracking.flatten_config(resolved),
+        init_kwargs=tracking.tracker_init_kwargs(t.report_to, str(run.tracking_dir)),
+    )
     say(run_summary(args, trainer, data, start_step))
     if wandb_mode:
-        say(f"  W&B: {wandb_mode}" + (f", run stored in {tracking.wandb_run_dir(accelerator)}" if wandb_mode == "offline" else ""))
+        say(
+            f"  W&B: {wandb_mode}"
+            + (f", run stored in {tracking.wandb_run_dir(accelerator)}" if wandb_mode == "offline" else "")
+        )
 
     model.train()
-    progress = tqdm(total=record.planned_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train")
+    progress = tqdm(
+        total=record.planned_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train"
+    )
     steps_taken = start_step
     for step in range(start_step, record.planned_steps):
         if step >= budget:
-            say(f"Stopping before step {step + 1}: it would take epsilon past the target {args.privacy.epsilon}")
+            say(
+                f"Stopping before step {step + 1}: it would take epsilon past the target {args.privacy.epsilon}"
+            )
             break
         loss = trainer.step(trainer.draw(step))
         steps_taken = step + 1
         epsilon = trainer.epsilon(steps_taken)
-        metrics = {"train/loss": loss, "train/lr": trainer.scheduler.get_last_lr()[0],
-                   "privacy/epsilon": epsilon, "privacy/delta": record.delta}
+        metrics = {
+            "train/loss": loss,
+            "train/lr": trainer.scheduler.get_last_lr()[0],
+            "privacy/epsilon": epsilon,
+            "privacy/delta": record.delta,
+        }
         if t.eval_steps and steps_taken % t.eval_steps == 0 and data.validation:
             metrics["eval/loss"] = trainer.eval_loss()
         accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=steps_taken)
@@ -388,8 +568,9 @@ def main(args) -> dict:
 def build_model(args, tokenizer, device, mixed_precision="no"):
     """The LoRA model the arguments describe (utils/training.py)."""
     dtype = training.compute_dtype(args.model.dtype, mixed_precision, device)
-    return training.build_lora_model(args.model.model, args.lora, tokenizer, device, dtype=dtype,
-                                     load_in_4bit=args.model.load_in_4bit)
+    return training.build_lora_model(
+        args.model.model, args.lora, tokenizer, device, dtype=dtype, load_in_4bit=args.model.load_in_4bit
+    )
 
 
 def progress_epsilon(record: PrivacyRecord, epsilon: float) -> str:
@@ -404,14 +585,20 @@ def maybe_checkpoint(run, trainer, step, loss, identity, resolved, accelerator) 
     selected = t.save_loss_threshold is not None and math.isfinite(loss) and loss < t.save_loss_threshold
     if not ((t.save_steps and step % t.save_steps == 0) or selected):
         return
-    selection = f"training loss {loss:.4f} < --save_loss_threshold {t.save_loss_threshold}" if selected else None
+    selection = (
+        f"training loss {loss:.4f} < --save_loss_threshold {t.save_loss_threshold}" if selected else None
+    )
     rng_per_rank = gather_rng(trainer)
     counters = summed_counters(trainer)
     if accelerator.is_main_process:
-        save_checkpoint(run, trainer, step, trainer.record_at(step, selection), identity, resolved, counters, rng_per_rank)
+        save_checkpoint(
+            run, trainer, step, trainer.record_at(step, selection), identity, resolved, counters, rng_per_rank
+        )
 
 
-def finish(run: RunDir, trainer: Trainer, steps_taken: int, identity: dict, resolved: dict, accelerator, data: Data) -> dict:
+def finish(
+    run: RunDir, trainer: Trainer, steps_taken: int, identity: dict, resolved: dict, accelerator, data: Data
+) -> dict:
     """Final evaluation, then the final checkpoint, the release bundle and the private results, each atomic."""
     eval_loss = trainer.eval_loss()
     rng_per_rank = gather_rng(trainer)
@@ -419,18 +606,29 @@ def finish(run: RunDir, trainer: Trainer, steps_taken: int, identity: dict, reso
     distributed.assert_not_wrapped(trainer.model)
     replicas_identical = distributed.replicas_identical(trainer.params) if trainer.world > 1 else True
     record = trainer.record_at(steps_taken, final=True)
-    results = {"train/loss": trainer.mean_recent_loss(), "train/loss_window_steps": len(trainer.recent_losses),
-               "eval/loss": eval_loss, "privacy/epsilon": record.epsilon, "privacy/delta": record.delta,
-               "steps": steps_taken, "stopped_by_budget": steps_taken < record.planned_steps, "counters": counters,
-               "data": data.summary, "world_size": trainer.world, "replicas_identical": replicas_identical,
-               "trainable_parameters": sum(x.numel() for x in trainer.params)}
+    results = {
+        "train/loss": trainer.mean_recent_loss(),
+        "train/loss_window_steps": len(trainer.recent_losses),
+        "eval/loss": eval_loss,
+        "privacy/epsilon": record.epsilon,
+        "privacy/delta": record.delta,
+        "steps": steps_taken,
+        "stopped_by_budget": steps_taken < record.planned_steps,
+        "counters": counters,
+        "data": data.summary,
+        "world_size": trainer.world,
+        "replicas_identical": replicas_identical,
+        "trainable_parameters": sum(x.numel() for x in trainer.params),
+    }
     accelerator.log({"eval/loss": eval_loss}, step=steps_taken)
     if accelerator.is_main_process:
         save_checkpoint(run, trainer, steps_taken, record, identity, resolved, counters, rng_per_rank)
         atomic_directory(run.bundle, lambda tmp: write_bundle(tmp, trainer, record, resolved))
         write_json_atomic(run.results_file, results)
     accelerator.wait_for_everyone()  # every rank returns only once the outputs exist
-    results["wandb_run_dir"] = tracking.wandb_run_dir(accelerator) if trainer.args.training.report_to == "wandb" else None
+    results["wandb_run_dir"] = (
+        tracking.wandb_run_dir(accelerator) if trainer.args.training.report_to == "wandb" else None
+    )
     accelerator.end_training()
     results["record"] = record
     return results
@@ -438,18 +636,24 @@ def finish(run: RunDir, trainer: Trainer, steps_taken: int, identity: dict, reso
 
 def final_summary(run: RunDir, trainer: Trainer, results: dict) -> str:
     record, counters = results["record"], results["counters"]
-    lines = [f"Done: {results['steps']} steps, train loss {results['train/loss']:.4f} (mean of the last "
-             f"{results['train/loss_window_steps']} steps), eval loss {results['eval/loss']:.4f}",
-             f"  {record.guarantee_line()}",
-             f"  release bundle (share this): {run.bundle}",
-             f"  private run record (never share; outside epsilon): {run.private}"]
+    lines = [
+        f"Done: {results['steps']} steps, train loss {results['train/loss']:.4f} (mean of the last "
+        f"{results['train/loss_window_steps']} steps), eval loss {results['eval/loss']:.4f}",
+        f"  {record.guarantee_line()}",
+        f"  release bundle (share this): {run.bundle}",
+        f"  private run record (never share; outside epsilon): {run.private}",
+    ]
     if not results["replicas_identical"]:
         lines.append("  WARNING: ranks ended with different LoRA weights; the saved adapters are rank 0's")
     if results["wandb_run_dir"]:
-        lines.append(f"  W&B run: {results['wandb_run_dir']}; upload with `wandb sync {results['wandb_run_dir']}`")
+        lines.append(
+            f"  W&B run: {results['wandb_run_dir']}; upload with `wandb sync {results['wandb_run_dir']}`"
+        )
     if counters["empty_steps"] or counters["nonfinite_examples"]:
-        lines.append(f"  {counters['empty_steps']} empty Poisson draws (noise-only steps), {counters['nonfinite_examples']} "
-                     "examples with a NaN/inf loss or gradient left out")
+        lines.append(
+            f"  {counters['empty_steps']} empty Poisson draws (noise-only steps), {counters['nonfinite_examples']} "
+            "examples with a NaN/inf loss or gradient left out"
+        )
     return "\n".join(lines)
 
 

@@ -37,9 +37,9 @@ Contract
   Timings on a shared CPU are noisy; the ratios within one run are what count.
 
 Run
-    OMP_NUM_THREADS=1 python bench/bench_step.py                      # VaultGemma config, real 256k vocabulary, T=128 and 512
+    OMP_NUM_THREADS=1 python bench/bench_step.py   # VaultGemma config, real 256k vocabulary, T=128 and 512
     python bench/bench_step.py --grad_sample_modes ew hooks functorch --vocab_size 2000 --skip_notebook
-    python bench/bench_step.py --model gemma3-270m --seq_lens 128 --tokens_per_batch 512   # embedded Gemma 3 270M (slow)
+    python bench/bench_step.py --model gemma3-270m --seq_lens 128 --tokens_per_batch 512   # Gemma 3 270M (slow)
 """
 
 import json
@@ -72,12 +72,22 @@ NOISE_MULTIPLIER, MAX_GRAD_NORM, LEARNING_RATE = 1.0, 1.0, 1e-4
 
 @dataclass
 class ModelArguments:
-    model: str = field(default=SYNTHETIC_MODEL, metadata={"help": f"'{SYNTHETIC_MODEL}' (a random VaultGemma of the sizes below), or any train_dp_lora.py --model (e.g. gemma3-270m)"})
-    vocab_size: int = field(default=256000, metadata={"help": f"{SYNTHETIC_MODEL} only: vocabulary (VaultGemma's is 256000)"})
+    model: str = field(
+        default=SYNTHETIC_MODEL,
+        metadata={
+            "help": f"'{SYNTHETIC_MODEL}' (a random VaultGemma of the sizes below), or any "
+            "train_dp_lora.py --model (e.g. gemma3-270m)"
+        },
+    )
+    vocab_size: int = field(
+        default=256000, metadata={"help": f"{SYNTHETIC_MODEL} only: vocabulary (VaultGemma's is 256000)"}
+    )
     hidden_size: int = field(default=256, metadata={"help": f"{SYNTHETIC_MODEL} only"})
     intermediate_size: int = field(default=1024, metadata={"help": f"{SYNTHETIC_MODEL} only"})
     num_hidden_layers: int = field(default=4, metadata={"help": f"{SYNTHETIC_MODEL} only"})
-    num_attention_heads: int = field(default=4, metadata={"help": f"{SYNTHETIC_MODEL} only (one key-value head, as VaultGemma 1B)"})
+    num_attention_heads: int = field(
+        default=4, metadata={"help": f"{SYNTHETIC_MODEL} only (one key-value head, as VaultGemma 1B)"}
+    )
     device: str = field(default="auto", metadata={"help": "cpu, cuda, ...; auto = cuda if available"})
 
 
@@ -85,14 +95,26 @@ class ModelArguments:
 class BenchArguments:
     seq_lens: list[int] = field(default_factory=lambda: [128, 512], metadata={"help": "sequence lengths T"})
     tokens_per_batch: int = field(default=1024, metadata={"help": "B = max(1, this // T) rows per step"})
-    answer_fraction: float = field(default=0.5, metadata={"help": "share of each row that is answer (labelled) tokens"})
+    answer_fraction: float = field(
+        default=0.5, metadata={"help": "share of each row that is answer (labelled) tokens"}
+    )
     warmup_steps: int = field(default=1, metadata={"help": "unmeasured steps per arm first"})
     steps: int = field(default=3, metadata={"help": "measured steps per arm (median reported)"})
-    grad_sample_modes: list[str] = field(default_factory=lambda: [DEFAULT_GRAD_SAMPLE_MODE],
-                                         metadata={"help": "per-sample gradient modes of this project's DP path", "choices": list(privacy.GRAD_SAMPLE_MODES)})
+    grad_sample_modes: list[str] = field(
+        default_factory=lambda: [DEFAULT_GRAD_SAMPLE_MODE],
+        metadata={
+            "help": "per-sample gradient modes of this project's DP path",
+            "choices": list(privacy.GRAD_SAMPLE_MODES),
+        },
+    )
     skip_notebook: bool = field(default=False, metadata={"help": "leave out the notebook arm (the slowest)"})
-    skip_hf_nonprivate: bool = field(default=False, metadata={"help": "leave out the plain Hugging Face non-private arm"})
-    hf_pad_to: int = field(default=HF_PAD_TO, metadata={"help": "hf_nonprivate pads each row to max(T, this) tokens, as the notebook does"})
+    skip_hf_nonprivate: bool = field(
+        default=False, metadata={"help": "leave out the plain Hugging Face non-private arm"}
+    )
+    hf_pad_to: int = field(
+        default=HF_PAD_TO,
+        metadata={"help": "hf_nonprivate pads each row to max(T, this) tokens, as the notebook does"},
+    )
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
     seed: int = field(default=0, metadata={"help": "seeds the synthetic model, batches, dropout and noise"})
     output: str = field(default="outputs/bench/bench_step.json", metadata={"help": "JSON results"})
@@ -119,7 +141,11 @@ def validate_args(args) -> None:
         problems.append(f"--answer_fraction must be in (0, 1), got {b.answer_fraction}")
     if b.steps < 1 or b.warmup_steps < 0:
         problems.append("--steps must be >= 1 and --warmup_steps >= 0")
-    if m.model == SYNTHETIC_MODEL and min(m.vocab_size, m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads) < 1:
+    if (
+        m.model == SYNTHETIC_MODEL
+        and min(m.vocab_size, m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads)
+        < 1
+    ):
         problems.append("model sizes must be >= 1")
     if m.model == SYNTHETIC_MODEL and m.hidden_size % m.num_attention_heads:
         problems.append("--hidden_size must be a multiple of --num_attention_heads")
@@ -130,17 +156,30 @@ def validate_args(args) -> None:
 # -----------------------------------------------------------------------------
 # the model, the batch, the machine
 
-def synthetic_vaultgemma_dir(m: ModelArguments, max_len: int, seed: int, directory: str, max_positions: int = 0) -> str:
+
+def synthetic_vaultgemma_dir(
+    m: ModelArguments, max_len: int, seed: int, directory: str, max_positions: int = 0
+) -> str:
     """A randomly initialised VaultGemma of the requested sizes, saved where --model can load it."""
     from transformers import VaultGemmaConfig, VaultGemmaForCausalLM
 
     head_dim = m.hidden_size // m.num_attention_heads
     config = VaultGemmaConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads, num_key_value_heads=1,
-        head_dim=head_dim, query_pre_attn_scalar=head_dim, max_position_embeddings=max(max_len, max_positions, 8), sliding_window=max(max_len // 2, 4),
-        layer_types=["sliding_attention", "full_attention"] * (m.num_hidden_layers // 2) + ["sliding_attention"] * (m.num_hidden_layers % 2),
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=1,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        max_position_embeddings=max(max_len, max_positions, 8),
+        sliding_window=max(max_len // 2, 4),
+        layer_types=["sliding_attention", "full_attention"] * (m.num_hidden_layers // 2)
+        + ["sliding_attention"] * (m.num_hidden_layers % 2),
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     torch.manual_seed(seed)
     VaultGemmaForCausalLM(config).save_pretrained(directory)
@@ -150,19 +189,31 @@ def synthetic_vaultgemma_dir(m: ModelArguments, max_len: int, seed: int, directo
 def build_bench_model(m: ModelArguments, b: BenchArguments, device, directory: str):
     """(the LoRA model train_dp_lora.py builds with its default LoRA settings and dtype, the --model string used)."""
     max_positions = 0 if b.skip_hf_nonprivate else b.hf_pad_to
-    model_name = synthetic_vaultgemma_dir(m, max(b.seq_lens), b.seed, directory, max_positions) if m.model == SYNTHETIC_MODEL else m.model
+    model_name = (
+        synthetic_vaultgemma_dir(m, max(b.seq_lens), b.seed, directory, max_positions)
+        if m.model == SYNTHETIC_MODEL
+        else m.model
+    )
     if m.model == SYNTHETIC_MODEL:
-        vocabulary = range(m.vocab_size)  # no tokenizer needed: build_lora_model only checks len(tokenizer) against the embeddings
+        vocabulary = range(
+            m.vocab_size
+        )  # no tokenizer needed: build_lora_model only checks len(tokenizer) against the embeddings
     else:
         from utils.model_loading import load_tokenizer
 
         vocabulary = load_tokenizer(model_name)
     torch.manual_seed(b.seed)
-    dtype = training.compute_dtype("auto", "no", device)  # train_dp_lora.py's --dtype auto, no Accelerate mixed precision
-    return training.build_lora_model(model_name, training.LoraArguments(), vocabulary, device, dtype=dtype), model_name
+    dtype = training.compute_dtype(
+        "auto", "no", device
+    )  # train_dp_lora.py's --dtype auto, no Accelerate mixed precision
+    return training.build_lora_model(
+        model_name, training.LoraArguments(), vocabulary, device, dtype=dtype
+    ), model_name
 
 
-def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, answer_fraction: float, seed: int, device) -> dict:
+def synthetic_batch(
+    batch_size: int, seq_len: int, vocab_size: int, answer_fraction: float, seed: int, device
+) -> dict:
     """Random tokens; labels only on the last answer_fraction of each row (BOS first, no padding)."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=generator)
@@ -176,14 +227,25 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, answer_fract
 def machine_info(device) -> dict:
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     import opacus
     import transformers
 
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device),
-            "torch": torch.__version__, "transformers": transformers.__version__, "opacus": opacus.__version__}
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "opacus": opacus.__version__,
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -191,6 +253,7 @@ def machine_info(device) -> dict:
 
 # -----------------------------------------------------------------------------
 # measuring
+
 
 def _sync(device):
     if device.type == "cuda":
@@ -219,7 +282,9 @@ def step_peak_memory(step, device) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
     running = peak = 0
     for _, nbytes in events:
         running += nbytes
@@ -229,7 +294,8 @@ def step_peak_memory(step, device) -> dict:
 
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated during the step minus memory_allocated at its start",
-    "cpu": "peak running sum of torch CPU-allocator alloc/free events (torch.profiler, profile_memory=True) during the step",
+    "cpu": "peak running sum of torch CPU-allocator alloc/free events (torch.profiler, "
+    "profile_memory=True) during the step",
 }
 
 
@@ -253,8 +319,13 @@ def nonprivate_arm(model, params, batch_size: int) -> Arm:
 
 
 def project_dp_arm(model, params, batch_size: int, mode: str, device, seed: int) -> Arm:
-    optimizer = privacy.make_dp_optimizer(torch.optim.AdamW(params, lr=LEARNING_RATE), NOISE_MULTIPLIER, MAX_GRAD_NORM, batch_size,
-                                          torch.Generator(device=device).manual_seed(seed))
+    optimizer = privacy.make_dp_optimizer(
+        torch.optim.AdamW(params, lr=LEARNING_RATE),
+        NOISE_MULTIPLIER,
+        MAX_GRAD_NORM,
+        batch_size,
+        torch.Generator(device=device).manual_seed(seed),
+    )
     accountant = privacy.make_accountant("prv")
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=0.01))
     attached = []
@@ -264,16 +335,26 @@ def project_dp_arm(model, params, batch_size: int, mode: str, device, seed: int)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Arm(f"dp_{mode}", step, enter=lambda: attached.append(privacy.attach_per_sample_hooks(model, mode)),
-               leave=lambda: attached.pop().remove_hooks())
+    return Arm(
+        f"dp_{mode}",
+        step,
+        enter=lambda: attached.append(privacy.attach_per_sample_hooks(model, mode)),
+        leave=lambda: attached.pop().remove_hooks(),
+    )
 
 
 def notebook_arm(model, params, batch_size: int, device, seed: int) -> Arm:
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    optimizer = DPOptimizer(torch.optim.AdamW(params, lr=LEARNING_RATE), noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
-                            expected_batch_size=batch_size, loss_reduction="mean", generator=torch.Generator(device=device).manual_seed(seed))
+    optimizer = DPOptimizer(
+        torch.optim.AdamW(params, lr=LEARNING_RATE),
+        noise_multiplier=NOISE_MULTIPLIER,
+        max_grad_norm=MAX_GRAD_NORM,
+        expected_batch_size=batch_size,
+        loss_reduction="mean",
+        generator=torch.Generator(device=device).manual_seed(seed),
+    )
     accountant = privacy.make_accountant("prv")
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=0.01))
     wrapped = []
@@ -283,8 +364,12 @@ def notebook_arm(model, params, batch_size: int, device, seed: int) -> Arm:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Arm("notebook", step, enter=lambda: wrapped.append(GradSampleModule(model, batch_first=True, loss_reduction="mean")),
-               leave=lambda: wrapped.pop().remove_hooks())
+    return Arm(
+        "notebook",
+        step,
+        enter=lambda: wrapped.append(GradSampleModule(model, batch_first=True, loss_reduction="mean")),
+        leave=lambda: wrapped.pop().remove_hooks(),
+    )
 
 
 def pad_rows(batch: dict, length: int, pad_token_id: int = 0) -> dict:
@@ -305,7 +390,9 @@ def hf_nonprivate_arm(model, params, pad_to: int, pad_token_id: int = 0) -> Arm:
         if not padded or padded[0][0] is not batch:
             padded[:] = [(batch, pad_rows(batch, max(batch["input_ids"].shape[1], pad_to), pad_token_id))]
         rows = padded[0][1]
-        model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], labels=rows["labels"]).loss.backward()
+        model(
+            input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], labels=rows["labels"]
+        ).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -338,10 +425,19 @@ def bench_seq_len(model, params, b: BenchArguments, seq_len: int, vocab_size: in
         for k in range(len(arms)):
             arm = arms[(round_ + k) % len(arms)]
             times[arm.name].append(run_arm(arm, batch, lambda step: timed(step, device)))
-    result = {"seq_len": seq_len, "batch_size": batch_size, "answer_tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
-              "hf_padded_len": None if b.skip_hf_nonprivate else max(seq_len, b.hf_pad_to), "arms": {}}
+    result = {
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "answer_tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        "hf_padded_len": None if b.skip_hf_nonprivate else max(seq_len, b.hf_pad_to),
+        "arms": {},
+    }
     for arm in arms:
-        result["arms"][arm.name] = {"median_s": statistics.median(times[arm.name]), "times_s": times[arm.name], **memory[arm.name]}
+        result["arms"][arm.name] = {
+            "median_s": statistics.median(times[arm.name]),
+            "times_s": times[arm.name],
+            **memory[arm.name],
+        }
     result["ratios"] = ratios(result["arms"], b.grad_sample_modes)
     return result
 
@@ -349,10 +445,14 @@ def bench_seq_len(model, params, b: BenchArguments, seq_len: int, vocab_size: in
 def ratios(arms: dict, modes: list[str]) -> dict:
     """time: the median over rounds of the ratio of two arms' times in the same round (load from other
     processes changes slowly next to one round, so pairing cancels most of it); memory: ratio of peaks."""
+
     def paired(a: str, b: str) -> dict:
         per_round = [x / y for x, y in zip(arms[a]["times_s"], arms[b]["times_s"])]
-        return {"time": statistics.median(per_round), "time_of_medians": arms[a]["median_s"] / arms[b]["median_s"],
-                "memory": arms[a]["peak_bytes"] / arms[b]["peak_bytes"]}
+        return {
+            "time": statistics.median(per_round),
+            "time_of_medians": arms[a]["median_s"] / arms[b]["median_s"],
+            "memory": arms[a]["peak_bytes"] / arms[b]["peak_bytes"],
+        }
 
     out = {}
     for mode in modes:
@@ -380,7 +480,10 @@ def format_table(results: list[dict]) -> str:
     lines = [f"{'T':>5} {'B':>3} {'answer tok':>10}  {'arm':<14} {'median s':>9} {'peak MiB':>9}"]
     for r in results:
         for name, arm in r["arms"].items():
-            lines.append(f"{r['seq_len']:>5} {r['batch_size']:>3} {r['answer_tokens']:>10}  {name:<14} {arm['median_s']:>9.3f} {arm['peak_bytes'] / 2**20:>9.1f}")
+            lines.append(
+                f"{r['seq_len']:>5} {r['batch_size']:>3} {r['answer_tokens']:>10}  {name:<14} "
+                f"{arm['median_s']:>9.3f} {arm['peak_bytes'] / 2**20:>9.1f}"
+            )
     lines.append("")
     lines.append(f"{'T':>5}  {'ratio (time: median of per-round ratios)':<42} {'time':>7} {'memory':>7}")
     for r in results:
@@ -394,26 +497,41 @@ def main(args) -> dict:
     m, b = args.model, args.bench
     if b.threads:
         torch.set_num_threads(b.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device)
-    with tempfile.TemporaryDirectory(prefix="bench_step_model_") as directory:  # kept while the weights may be memory-mapped from it
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
+    )
+    with tempfile.TemporaryDirectory(
+        prefix="bench_step_model_"
+    ) as directory:  # kept while the weights may be memory-mapped from it
         model, _ = build_bench_model(m, b, device, directory)
         model.train()  # as in training: LoRA dropout on
         params = [p for p in model.parameters() if p.requires_grad]
         vocab_size = model.get_input_embeddings().weight.shape[0]
         results = [bench_seq_len(model, params, b, seq_len, vocab_size, device) for seq_len in b.seq_lens]
         report = {
-            "command": " ".join(["python"] + sys.argv), "args": cli.to_dict(args), "machine": machine_info(device),
+            "command": " ".join(["python"] + sys.argv),
+            "args": cli.to_dict(args),
+            "machine": machine_info(device),
             "memory_method": MEMORY_METHOD[device.type],
-            "model": {"model": m.model, "vocab_size": vocab_size, "parameters": sum(p.numel() for p in model.parameters()),
-                      "trainable_parameters": sum(p.numel() for p in params), "dtype": str(next(model.parameters()).dtype)},
-            "results": results, "epsilon_ms": epsilon_ms(),
+            "model": {
+                "model": m.model,
+                "vocab_size": vocab_size,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "trainable_parameters": sum(p.numel() for p in params),
+                "dtype": str(next(model.parameters()).dtype),
+            },
+            "results": results,
+            "epsilon_ms": epsilon_ms(),
         }
     output = Path(b.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     info = report["machine"]
-    print(f"{m.model} (vocab {vocab_size}, {report['model']['parameters']:,} parameters, {report['model']['trainable_parameters']:,} trainable) "
-          f"on {info['device']} ({info['cpu']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads)")
+    print(
+        f"{m.model} (vocab {vocab_size}, {report['model']['parameters']:,} parameters, "
+        f"{report['model']['trainable_parameters']:,} trainable) "
+        f"on {info['device']} ({info['cpu']}, {info['cpu_count']} CPUs, {info['torch_threads']} torch threads)"
+    )
     print(format_table(results))
     print(f"accountant get_epsilon (PRV, once per training step): {report['epsilon_ms']:.0f} ms")
     print(f"memory: {report['memory_method']}\nwritten: {output}")
@@ -425,14 +543,12 @@ def quiet() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks on a layer whose input needs no grad: expected
+    warnings.filterwarnings(
+        "ignore", message="Full backward hook is firing"
+    )  # Opacus hooks on a layer whose input needs no grad: expected
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 if __name__ == "__main__":
     quiet()
-    try:
-        main(parse_args())
-    except cli.ArgumentErrors as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run_main(main, parse_args))

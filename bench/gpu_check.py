@@ -99,7 +99,11 @@ from bench import offline_model  # noqa: E402  (stdlib only at import)
 from utils import cli  # noqa: E402  (stdlib only at import)
 
 PARTS = ("correctness", "step", "generate", "end_to_end")
-GRAD_SAMPLE_MODES = ("ew", "hooks", "functorch")  # checked against utils.privacy.GRAD_SAMPLE_MODES at start-up
+GRAD_SAMPLE_MODES = (
+    "ew",
+    "hooks",
+    "functorch",
+)  # checked against utils.privacy.GRAD_SAMPLE_MODES at start-up
 WHEELS_FILE = REPO / "bench" / "gpu_wheels.txt"
 SHIMS_DIR = REPO / "bench" / "gpu_shims"
 JSON_NAME, MARKDOWN_NAME = "gpu_check.json", "gpu_check.md"
@@ -130,87 +134,184 @@ SEARCH_SHARE = 0.4  # of each sequence length's time in part 2 that the batch se
 
 @dataclass
 class CheckArguments:
-    output_dir: str = field(default="outputs/gpu_check", metadata={"help": f"where {JSON_NAME} and {MARKDOWN_NAME} go"})
+    output_dir: str = field(
+        default="outputs/gpu_check", metadata={"help": f"where {JSON_NAME} and {MARKDOWN_NAME} go"}
+    )
     device: str = field(default="auto", metadata={"help": "cuda, cuda:1, cpu; auto = cuda if available"})
-    dtype: str = field(default="bfloat16", metadata={"help": "dtype of the base model in every in-process part", "choices": ["bfloat16", "float32"]})
+    dtype: str = field(
+        default="bfloat16",
+        metadata={
+            "help": "dtype of the base model in every in-process part",
+            "choices": ["bfloat16", "float32"],
+        },
+    )
     tiny: bool = field(default=False, metadata={"help": "tiny shapes and sizes for a CPU run (TINY_PRESET)"})
-    parts: list[str] = field(default_factory=lambda: list(PARTS), metadata={"help": "parts to run", "choices": list(PARTS)})
-    time_budget_s: float = field(default=450.0, metadata={"help": "the whole run stops starting work after this many seconds"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads here and OMP_NUM_THREADS of the subprocesses; 0 = torch's default"})
+    parts: list[str] = field(
+        default_factory=lambda: list(PARTS), metadata={"help": "parts to run", "choices": list(PARTS)}
+    )
+    time_budget_s: float = field(
+        default=450.0, metadata={"help": "the whole run stops starting work after this many seconds"}
+    )
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch CPU threads here and OMP_NUM_THREADS of the subprocesses; 0 = torch's default"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seeds the model, batches, dropout and noise"})
 
 
 @dataclass
 class LimitArguments:
     correctness_s: float = field(default=45.0, metadata={"help": "time limit of part 1"})
-    step_s: float = field(default=200.0, metadata={"help": "time limit of part 2 (shared equally by the --seq_lens)"})
+    step_s: float = field(
+        default=200.0, metadata={"help": "time limit of part 2 (shared equally by the --seq_lens)"}
+    )
     generate_s: float = field(default=55.0, metadata={"help": "time limit of part 3"})
     end_to_end_s: float = field(default=120.0, metadata={"help": "time limit of part 4"})
 
 
 @dataclass
 class ModelArguments:  # defaults: google/vaultgemma-1b's shapes
-    vocab_size: int = field(default=offline_model.VAULTGEMMA_1B.vocab_size, metadata={"help": "vocabulary (the tokenizer is filled up to it)"})
-    hidden_size: int = field(default=offline_model.VAULTGEMMA_1B.hidden_size, metadata={"help": " "})
-    intermediate_size: int = field(default=offline_model.VAULTGEMMA_1B.intermediate_size, metadata={"help": " "})
-    num_hidden_layers: int = field(default=offline_model.VAULTGEMMA_1B.num_hidden_layers, metadata={"help": " "})
-    num_attention_heads: int = field(default=offline_model.VAULTGEMMA_1B.num_attention_heads, metadata={"help": " "})
-    num_key_value_heads: int = field(default=offline_model.VAULTGEMMA_1B.num_key_value_heads, metadata={"help": " "})
-    head_dim: int = field(default=offline_model.VAULTGEMMA_1B.head_dim, metadata={"help": " "})
-    sliding_window: int = field(default=offline_model.VAULTGEMMA_1B.sliding_window, metadata={"help": "of the sliding-attention layers (every other one)"})
-    max_position_embeddings: int = field(default=offline_model.VAULTGEMMA_1B.max_position_embeddings, metadata={"help": " "})
-    tokenizer_vocab_size: int = field(default=2000, metadata={"help": "BPE pieces trained on the bundled flashcards (the rest is filler)"})
+    vocab_size: int = field(
+        default=offline_model.VAULTGEMMA_1B.vocab_size,
+        metadata={"help": "vocabulary (the tokenizer is filled up to it)"},
+    )
+    hidden_size: int = field(
+        default=offline_model.VAULTGEMMA_1B.hidden_size, metadata={"help": "model shape (see --tiny)"}
+    )
+    intermediate_size: int = field(
+        default=offline_model.VAULTGEMMA_1B.intermediate_size, metadata={"help": "model shape (see --tiny)"}
+    )
+    num_hidden_layers: int = field(
+        default=offline_model.VAULTGEMMA_1B.num_hidden_layers, metadata={"help": "model shape (see --tiny)"}
+    )
+    num_attention_heads: int = field(
+        default=offline_model.VAULTGEMMA_1B.num_attention_heads, metadata={"help": "model shape (see --tiny)"}
+    )
+    num_key_value_heads: int = field(
+        default=offline_model.VAULTGEMMA_1B.num_key_value_heads, metadata={"help": "model shape (see --tiny)"}
+    )
+    head_dim: int = field(
+        default=offline_model.VAULTGEMMA_1B.head_dim, metadata={"help": "model shape (see --tiny)"}
+    )
+    sliding_window: int = field(
+        default=offline_model.VAULTGEMMA_1B.sliding_window,
+        metadata={"help": "of the sliding-attention layers (every other one)"},
+    )
+    max_position_embeddings: int = field(
+        default=offline_model.VAULTGEMMA_1B.max_position_embeddings,
+        metadata={"help": "model shape (see --tiny)"},
+    )
+    tokenizer_vocab_size: int = field(
+        default=2000, metadata={"help": "BPE pieces trained on the bundled flashcards (the rest is filler)"}
+    )
 
 
 @dataclass
 class CorrectnessArguments:
     rows: int = field(default=4, metadata={"help": "flashcards in the checked batch (right-padded)"})
     max_row_tokens: int = field(default=128, metadata={"help": "only flashcards at most this long are used"})
-    grad_budget_ulps: float = field(default=GRAD_BUDGET_ULPS, metadata={"help": "per-sample and head gradient budget, bf16 ulps of each tensor's max (derivation in the source)"})
-    loss_budget_ulps: float = field(default=LOSS_BUDGET_ULPS, metadata={"help": "chunked vs full-logits loss budget, bf16 ulps of the largest loss"})
+    grad_budget_ulps: float = field(
+        default=GRAD_BUDGET_ULPS,
+        metadata={
+            "help": "per-sample and head gradient budget, bf16 ulps of each tensor's max (derivation in the source)"
+        },
+    )
+    loss_budget_ulps: float = field(
+        default=LOSS_BUDGET_ULPS,
+        metadata={"help": "chunked vs full-logits loss budget, bf16 ulps of the largest loss"},
+    )
     noise_multiplier: float = field(default=1.0, metadata={"help": "sigma of the noise check"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "C of the noise and clipping checks"})
-    noise_margin_se: float = field(default=5.0, metadata={"help": "the noise std and mean may be off by this many standard errors"})
-    fourbit_steps: int = field(default=8, metadata={"help": "DP steps (noise 0) the NF4 base must lower the loss in"})
+    noise_margin_se: float = field(
+        default=5.0, metadata={"help": "the noise std and mean may be off by this many standard errors"}
+    )
+    fourbit_steps: int = field(
+        default=8, metadata={"help": "DP steps (noise 0) the NF4 base must lower the loss in"}
+    )
 
 
 @dataclass
 class StepArguments:
     seq_lens: list[int] = field(default_factory=lambda: [128, 512], metadata={"help": "sequence lengths T"})
-    grad_sample_modes: list[str] = field(default_factory=lambda: list(GRAD_SAMPLE_MODES), metadata={"help": "dp_<mode> arms", "choices": list(GRAD_SAMPLE_MODES)})
-    answer_fraction: float = field(default=0.5, metadata={"help": "share of each row that is answer (labelled) tokens"})
+    grad_sample_modes: list[str] = field(
+        default_factory=lambda: list(GRAD_SAMPLE_MODES),
+        metadata={"help": "dp_<mode> arms", "choices": list(GRAD_SAMPLE_MODES)},
+    )
+    answer_fraction: float = field(
+        default=0.5, metadata={"help": "share of each row that is answer (labelled) tokens"}
+    )
     warmup_steps: int = field(default=1, metadata={"help": "unmeasured steps per arm first"})
     steps: int = field(default=3, metadata={"help": "measured round-robin rounds"})
-    search_start_tokens: int = field(default=8192, metadata={"help": "the batch search starts at B = this // T"})
+    search_start_tokens: int = field(
+        default=8192, metadata={"help": "the batch search starts at B = this // T"}
+    )
     max_batch_size: int = field(default=1024, metadata={"help": "the batch search never goes above this"})
-    memory_fraction: float = field(default=0.9, metadata={"help": "CUDA: a step's peak must stay below this share of the GPU's memory"})
-    cpu_memory_mib: float = field(default=4096.0, metadata={"help": "CPU: the step memory (above its start) the batch search may fill"})
-    hf_pad_to: int = field(default=128, metadata={"help": "hf_nonprivate pads each row to max(T, this), as the notebook pads to 128"})
-    peak_tflops: float = field(default=H200_BF16_DENSE_TFLOPS, metadata={"help": "the device's bf16 dense peak for MFU (H200 SXM)"})
+    memory_fraction: float = field(
+        default=0.9, metadata={"help": "CUDA: a step's peak must stay below this share of the GPU's memory"}
+    )
+    cpu_memory_mib: float = field(
+        default=4096.0, metadata={"help": "CPU: the step memory (above its start) the batch search may fill"}
+    )
+    hf_pad_to: int = field(
+        default=128,
+        metadata={"help": "hf_nonprivate pads each row to max(T, this), as the notebook pads to 128"},
+    )
+    peak_tflops: float = field(
+        default=H200_BF16_DENSE_TFLOPS, metadata={"help": "the device's bf16 dense peak for MFU (H200 SXM)"}
+    )
 
 
 @dataclass
 class GenerateArguments:
-    gen_batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 64], metadata={"help": "questions per generate call"})
-    gen_min_questions: int = field(default=8, metadata={"help": "each configuration answers max(batch, this) questions"})
+    gen_batch_sizes: list[int] = field(
+        default_factory=lambda: [1, 16, 64], metadata={"help": "questions per generate call"}
+    )
+    gen_min_questions: int = field(
+        default=8, metadata={"help": "each configuration answers max(batch, this) questions"}
+    )
     gen_max_new_tokens: int = field(default=32, metadata={"help": "most tokens per answer"})
 
 
 @dataclass
 class EndToEndArguments:
-    e2e_train_s: float = field(default=60.0, metadata={"help": "the training subprocess should take about this long (sizes --max_steps)"})
-    e2e_max_steps: int = field(default=0, metadata={"help": "if > 0, --max_steps of the training run (else sized from part 2)"})
-    e2e_logical_batch_size: int = field(default=64, metadata={"help": "--logical_batch_size of the training run"})
-    e2e_per_device_batch_size: int = field(default=32, metadata={"help": "--per_device_train_batch_size of the training run"})
+    e2e_train_s: float = field(
+        default=60.0,
+        metadata={"help": "the training subprocess should take about this long (sizes --max_steps)"},
+    )
+    e2e_max_steps: int = field(
+        default=0, metadata={"help": "if > 0, --max_steps of the training run (else sized from part 2)"}
+    )
+    e2e_logical_batch_size: int = field(
+        default=64, metadata={"help": "--logical_batch_size of the training run"}
+    )
+    e2e_per_device_batch_size: int = field(
+        default=32, metadata={"help": "--per_device_train_batch_size of the training run"}
+    )
     e2e_epsilon: float = field(default=8.0, metadata={"help": "--epsilon of the training run"})
     e2e_eval_samples: int = field(default=8, metadata={"help": "evaluate_qa.py --max_samples"})
-    e2e_max_new_tokens: int = field(default=32, metadata={"help": "--max_new_tokens of infer.py and evaluate_qa.py"})
-    e2e_question: str = field(default="What are the symptoms of diabetes?", metadata={"help": "infer.py --question"})
-    e2e_concurrent: bool = field(default=False, metadata={"help": "run infer.py and evaluate_qa.py at the same time (their wall times then overlap)"})
+    e2e_max_new_tokens: int = field(
+        default=32, metadata={"help": "--max_new_tokens of infer.py and evaluate_qa.py"}
+    )
+    e2e_question: str = field(
+        default="What are the symptoms of diabetes?", metadata={"help": "infer.py --question"}
+    )
+    e2e_concurrent: bool = field(
+        default=False,
+        metadata={"help": "run infer.py and evaluate_qa.py at the same time (their wall times then overlap)"},
+    )
 
 
-GROUPS = {"check": CheckArguments, "limits": LimitArguments, "model": ModelArguments, "correctness": CorrectnessArguments,
-          "step": StepArguments, "generate": GenerateArguments, "end_to_end": EndToEndArguments}
+GROUPS = {
+    "check": CheckArguments,
+    "limits": LimitArguments,
+    "model": ModelArguments,
+    "correctness": CorrectnessArguments,
+    "step": StepArguments,
+    "generate": GenerateArguments,
+    "end_to_end": EndToEndArguments,
+}
 
 # --tiny: (group, field) -> value, applied where the flag is still at its default
 TINY_PRESET = {
@@ -218,16 +319,28 @@ TINY_PRESET = {
     ("check", "threads"): 1,  # tiny matrices: more threads only wait for each other on a shared CPU
     **{("model", k): v for k, v in offline_model.TINY.as_dict().items()},
     ("model", "tokenizer_vocab_size"): offline_model.TINY.vocab_size,
-    ("correctness", "rows"): 3, ("correctness", "max_row_tokens"): 64, ("correctness", "fourbit_steps"): 4,
-    ("step", "seq_lens"): [16], ("step", "warmup_steps"): 0, ("step", "steps"): 1, ("step", "search_start_tokens"): 32,
-    ("step", "max_batch_size"): 4, ("step", "cpu_memory_mib"): 4.0,
-    ("generate", "gen_batch_sizes"): [1, 4], ("generate", "gen_min_questions"): 4, ("generate", "gen_max_new_tokens"): 4,
-    ("end_to_end", "e2e_max_steps"): 2, ("end_to_end", "e2e_logical_batch_size"): 8, ("end_to_end", "e2e_per_device_batch_size"): 4,
-    ("end_to_end", "e2e_eval_samples"): 2, ("end_to_end", "e2e_max_new_tokens"): 4, ("end_to_end", "e2e_concurrent"): True,
+    ("correctness", "rows"): 3,
+    ("correctness", "max_row_tokens"): 64,
+    ("correctness", "fourbit_steps"): 4,
+    ("step", "seq_lens"): [16],
+    ("step", "warmup_steps"): 0,
+    ("step", "steps"): 1,
+    ("step", "search_start_tokens"): 32,
+    ("step", "max_batch_size"): 4,
+    ("step", "cpu_memory_mib"): 4.0,
+    ("generate", "gen_batch_sizes"): [1, 4],
+    ("generate", "gen_min_questions"): 4,
+    ("generate", "gen_max_new_tokens"): 4,
+    ("end_to_end", "e2e_max_steps"): 2,
+    ("end_to_end", "e2e_logical_batch_size"): 8,
+    ("end_to_end", "e2e_per_device_batch_size"): 4,
+    ("end_to_end", "e2e_eval_samples"): 2,
+    ("end_to_end", "e2e_max_new_tokens"): 4,
+    ("end_to_end", "e2e_concurrent"): True,
 }
 
 
-class CheckError(cli.UserError if hasattr(cli, "UserError") else ValueError):
+class CheckError(cli.UserError):
     """The environment cannot run the check (a missing package, no CUDA device): one line per problem."""
 
 
@@ -235,7 +348,9 @@ def parse_args(argv=None):
     parser = cli.build_parser(__doc__.split("\n\n")[0], GROUPS, config_flag=False)
     args = cli.parse_into(parser, GROUPS, argv)
     tokens = sys.argv[1:] if argv is None else list(argv)
-    args.given = sorted({t[2:].split("=", 1)[0] for t in tokens if t.startswith("--")})  # flags --tiny must not change
+    args.given = sorted(
+        {t[2:].split("=", 1)[0] for t in tokens if t.startswith("--")}
+    )  # flags --tiny must not change
     return args
 
 
@@ -255,14 +370,34 @@ def apply_tiny(args) -> None:
 
 
 def validate_args(args) -> None:
-    c, lim, m, k, s, g, e = args.check, args.limits, args.model, args.correctness, args.step, args.generate, args.end_to_end
+    c, lim, m, k, s, g, e = (
+        args.check,
+        args.limits,
+        args.model,
+        args.correctness,
+        args.step,
+        args.generate,
+        args.end_to_end,
+    )
     problems = []
     if not c.parts:
         problems.append("--parts: name at least one part")
     if c.time_budget_s <= 0 or min(lim.correctness_s, lim.step_s, lim.generate_s, lim.end_to_end_s) <= 0:
         problems.append("--time_budget_s and every part's limit must be > 0")
-    if min(m.vocab_size, m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads,
-           m.head_dim, m.sliding_window, m.max_position_embeddings) < 1:
+    if (
+        min(
+            m.vocab_size,
+            m.hidden_size,
+            m.intermediate_size,
+            m.num_hidden_layers,
+            m.num_attention_heads,
+            m.num_key_value_heads,
+            m.head_dim,
+            m.sliding_window,
+            m.max_position_embeddings,
+        )
+        < 1
+    ):
         problems.append("model sizes must be >= 1")
     if m.num_attention_heads % m.num_key_value_heads:
         problems.append("--num_attention_heads must be a multiple of --num_key_value_heads")
@@ -272,7 +407,10 @@ def validate_args(args) -> None:
         problems.append("--rows must be >= 2")
     if s.seq_lens and min(s.seq_lens) < 4:
         problems.append("--seq_lens must all be >= 4")
-    if max(s.seq_lens + [0]) > m.max_position_embeddings or max(s.seq_lens + [s.hf_pad_to]) > m.max_position_embeddings:
+    if (
+        max(s.seq_lens + [0]) > m.max_position_embeddings
+        or max(s.seq_lens + [s.hf_pad_to]) > m.max_position_embeddings
+    ):
         problems.append("--seq_lens and --hf_pad_to must be <= --max_position_embeddings")
     if not 0 < s.answer_fraction < 1:
         problems.append("--answer_fraction must be in (0, 1)")
@@ -283,7 +421,9 @@ def validate_args(args) -> None:
     if not g.gen_batch_sizes or min(g.gen_batch_sizes) < 1 or g.gen_max_new_tokens < 1:
         problems.append("--gen_batch_sizes and --gen_max_new_tokens must be >= 1")
     if e.e2e_logical_batch_size < 2 or e.e2e_per_device_batch_size < 1 or e.e2e_eval_samples < 1:
-        problems.append("--e2e_logical_batch_size must be >= 2, --e2e_per_device_batch_size and --e2e_eval_samples >= 1")
+        problems.append(
+            "--e2e_logical_batch_size must be >= 2, --e2e_per_device_batch_size and --e2e_eval_samples >= 1"
+        )
     if problems:
         raise cli.ArgumentErrors(problems)
 
@@ -324,7 +464,11 @@ def wheel_sizes() -> dict:
     for line in WHEELS_FILE.read_text(encoding="utf-8").splitlines():
         match = re.match(r"^\s*(#\s*not carried:\s*)?([A-Za-z0-9_.-]+)==(\S+).*?#\s*([0-9]+) bytes", line)
         if match:
-            sizes[match.group(2).lower().replace("_", "-")] = (match.group(3), int(match.group(4)), match.group(1) is None)
+            sizes[match.group(2).lower().replace("_", "-")] = (
+                match.group(3),
+                int(match.group(4)),
+                match.group(1) is None,
+            )
     return sizes
 
 
@@ -335,13 +479,19 @@ def check_environment(device_flag: str) -> dict:
         try:
             imported = importlib.import_module(module)
         except Exception as error:  # ImportError, or a broken binary wheel
-            missing.append(f"missing: {dist} (needed for {why}): {type(error).__name__}: {error}".splitlines()[0])
+            missing.append(
+                f"missing: {dist} (needed for {why}): {type(error).__name__}: {error}".splitlines()[0]
+            )
             continue
         version = getattr(imported, "__version__", "?")
         found[dist] = version
         if minimum and version != "?" and _version_tuple(version) < _version_tuple(minimum):
             missing.append(f"missing: {dist} >= {minimum} (needed for {why}); found {version}")
-    for module, dist, why in OPTIONAL:  # found, not imported: each is imported where it is used, and its part reports a failure
+    for (
+        module,
+        dist,
+        why,
+    ) in OPTIONAL:  # found, not imported: each is imported where it is used, and its part reports a failure
         try:
             spec = importlib.util.find_spec(module)
         except (ImportError, ValueError):
@@ -357,17 +507,25 @@ def check_environment(device_flag: str) -> dict:
         try:
             from transformers import VaultGemmaConfig, VaultGemmaForCausalLM  # noqa: F401
         except ImportError as error:
-            missing.append(f"missing: transformers with VaultGemma (found {found['transformers']}): {_one_line(error)}")
+            missing.append(
+                f"missing: transformers with VaultGemma (found {found['transformers']}): {_one_line(error)}"
+            )
     if "torch" in found:
         import torch
 
         try:
             from torch.nn.utils._per_sample_grad import call_for_per_sample_grads  # noqa: F401
         except ImportError:
-            missing.append(f"missing: torch.nn.utils._per_sample_grad.call_for_per_sample_grads (grad_sample_mode ew; torch {found['torch']})")
+            missing.append(
+                "missing: torch.nn.utils._per_sample_grad.call_for_per_sample_grads (grad_sample_mode ew; "
+                f"torch {found['torch']})"
+            )
         wanted = device_flag if device_flag != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if wanted.startswith("cuda") and not torch.cuda.is_available():
-            missing.append(f"missing: a CUDA device (torch {found['torch']}: torch.cuda.is_available() is False; --device cpu runs on CPU)")
+            missing.append(
+                f"missing: a CUDA device (torch {found['torch']}: torch.cuda.is_available() is False; "
+                "--device cpu runs on CPU)"
+            )
         found["device"] = wanted
         if wanted.startswith("cuda") and torch.cuda.is_available():
             found["gpu"] = torch.cuda.get_device_name(torch.device(wanted))
@@ -378,18 +536,27 @@ def check_environment(device_flag: str) -> dict:
 
         unknown = set(GRAD_SAMPLE_MODES) ^ set(privacy.GRAD_SAMPLE_MODES)
         if unknown:
-            missing.append(f"missing: agreement on grad_sample_modes: utils.privacy has {list(privacy.GRAD_SAMPLE_MODES)}, gpu_check {list(GRAD_SAMPLE_MODES)}")
+            missing.append(
+                "missing: agreement on grad_sample_modes: utils.privacy has "
+                f"{list(privacy.GRAD_SAMPLE_MODES)}, gpu_check {list(GRAD_SAMPLE_MODES)}"
+            )
     except Exception as error:
         missing.append(f"missing: utils.privacy imports ({type(error).__name__}: {error})".splitlines()[0])
     for line in missing:
         print(line, flush=True)
     for dist, text in optional_missing.items():
         print(f"optional, missing: {text}", flush=True)
-    return {"found": found, "missing": missing, "optional_missing": optional_missing, "python": sys.version.split()[0]}
+    return {
+        "found": found,
+        "missing": missing,
+        "optional_missing": optional_missing,
+        "python": sys.version.split()[0],
+    }
 
 
 # -----------------------------------------------------------------------------
 # shared state, clocks, writing
+
 
 class Clock:
     def __init__(self, limit_s: float):
@@ -413,11 +580,22 @@ class Context:
 
         self.args, self.work, self.report, self.write = args, work_dir, report, write
         flag = args.check.device
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag)
+        self.device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if flag == "auto" else flag
+        )
         self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.check.dtype]
         m = args.model
-        self.shape = offline_model.ModelShape(m.vocab_size, m.hidden_size, m.intermediate_size, m.num_hidden_layers, m.num_attention_heads,
-                                              m.num_key_value_heads, m.head_dim, m.sliding_window, m.max_position_embeddings)
+        self.shape = offline_model.ModelShape(
+            m.vocab_size,
+            m.hidden_size,
+            m.intermediate_size,
+            m.num_hidden_layers,
+            m.num_attention_heads,
+            m.num_key_value_heads,
+            m.head_dim,
+            m.sliding_window,
+            m.max_position_embeddings,
+        )
         self.cards = offline_model.bundled_cards()
         self.base_dir = None
         self.tokenizer = None
@@ -429,16 +607,27 @@ class Context:
 
         started = time.perf_counter()
         texts = [c["input"] + " " + c["output"] for c in self.cards]
-        self.tokenizer = offline_model.build_gemma_style_tokenizer(texts, min(self.args.model.tokenizer_vocab_size, self.shape.vocab_size),
-                                                                   pad_to_size=self.shape.vocab_size)
+        self.tokenizer = offline_model.build_gemma_style_tokenizer(
+            texts,
+            min(self.args.model.tokenizer_vocab_size, self.shape.vocab_size),
+            pad_to_size=self.shape.vocab_size,
+        )
         tokenizer_s = time.perf_counter() - started
         self.base_dir = str(self.work / "base_model")
-        offline_model.save_random_model(self.base_dir, self.shape, self.tokenizer, self.dtype, self.device, self.args.check.seed)
+        offline_model.save_random_model(
+            self.base_dir, self.shape, self.tokenizer, self.dtype, self.device, self.args.check.seed
+        )
         self.empty_cache()
         size = sum(f.stat().st_size for f in Path(self.base_dir).iterdir())
-        return {"tokenizer_s": tokenizer_s, "model_saved_s": time.perf_counter() - started - tokenizer_s, "tokenizer_size": len(self.tokenizer),
-                "model_dir_bytes": size, "parameters": parameter_counts(self.shape), "dtype": str(self.dtype).replace("torch.", ""),
-                "torch_threads": torch.get_num_threads()}
+        return {
+            "tokenizer_s": tokenizer_s,
+            "model_saved_s": time.perf_counter() - started - tokenizer_s,
+            "tokenizer_size": len(self.tokenizer),
+            "model_dir_bytes": size,
+            "parameters": parameter_counts(self.shape),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "torch_threads": torch.get_num_threads(),
+        }
 
     def model(self):
         """The LoRA model train_dp_lora.py builds (default LoraArguments) over the saved base, on the device."""
@@ -448,7 +637,9 @@ class Context:
             from utils import training
 
             torch.manual_seed(self.args.check.seed)
-            self._model = training.build_lora_model(self.base_dir, training.LoraArguments(), self.tokenizer, self.device, dtype=self.dtype)
+            self._model = training.build_lora_model(
+                self.base_dir, training.LoraArguments(), self.tokenizer, self.device, dtype=self.dtype
+            )
         return self._model
 
     def release(self) -> None:
@@ -482,8 +673,14 @@ def parameter_counts(shape) -> dict:
 def model_flops(shape, batch_size: int, seq_len: int, answer_tokens: int) -> float:
     """Useful FLOPs of one frozen-base LoRA training step (the module docstring's formula)."""
     n_body = parameter_counts(shape)["body"]
-    attention = 12 * shape.num_hidden_layers * shape.num_attention_heads * shape.head_dim * batch_size * seq_len**2
-    return 4.0 * n_body * batch_size * seq_len + attention + 4.0 * shape.vocab_size * shape.hidden_size * answer_tokens
+    attention = (
+        12 * shape.num_hidden_layers * shape.num_attention_heads * shape.head_dim * batch_size * seq_len**2
+    )
+    return (
+        4.0 * n_body * batch_size * seq_len
+        + attention
+        + 4.0 * shape.vocab_size * shape.hidden_size * answer_tokens
+    )
 
 
 def _json_safe(value):
@@ -508,7 +705,9 @@ def is_oom(error: BaseException) -> bool:
 
     if isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
         return True
-    return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "CUBLAS_STATUS_ALLOC_FAILED" in str(error))
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in str(error) or "CUBLAS_STATUS_ALLOC_FAILED" in str(error)
+    )
 
 
 def clear_training_state(model, params) -> None:
@@ -527,6 +726,7 @@ def clear_training_state(model, params) -> None:
 # -----------------------------------------------------------------------------
 # part 1: correctness
 
+
 def scaled_error(actual, expected, eps: float) -> float:
     """max|actual - expected| / (eps * max|expected|), worst over paired tensors (tests/conftest.py's measure)."""
     import torch
@@ -534,7 +734,11 @@ def scaled_error(actual, expected, eps: float) -> float:
     if isinstance(actual, (list, tuple)):
         return max((scaled_error(a, e, eps) for a, e in zip(actual, expected, strict=True)), default=0.0)
     actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
-    if actual.shape != expected.shape or not torch.isfinite(actual).all() or not torch.isfinite(expected).all():
+    if (
+        actual.shape != expected.shape
+        or not torch.isfinite(actual).all()
+        or not torch.isfinite(expected).all()
+    ):
         return float("inf")
     difference = (actual - expected).abs().max().item() if actual.numel() else 0.0
     scale = expected.abs().max().item() if expected.numel() else 0.0
@@ -562,7 +766,9 @@ def card_batch(ctx, rows: int, max_tokens: int):
         if len(examples) == rows:
             break
     if len(examples) < 2:
-        raise ValueError(f"fewer than 2 flashcards have an answer within {max_tokens} tokens: raise --max_row_tokens")
+        raise ValueError(
+            f"fewer than 2 flashcards have an answer within {max_tokens} tokens: raise --max_row_tokens"
+        )
     pad = ctx.tokenizer.pad_token_id
 
     def to_device(batch):
@@ -606,13 +812,24 @@ def part_correctness(ctx, clock) -> dict:
     model = ctx.model()
     params = [p for p in model.parameters() if p.requires_grad]
     checks = {}
-    result = {"checks": checks, "rows": k.rows, "dtype": str(ctx.dtype).replace("torch.", ""),
-              "budgets": {"per_sample_grad_ulps": k.grad_budget_ulps, "loss_ulps": k.loss_budget_ulps, "clip_fp32_ulps": CLIP_BUDGET_ULPS,
-                          "noise_margin_se": k.noise_margin_se, "bf16_eps": BF16_EPS}}
+    result = {
+        "checks": checks,
+        "rows": k.rows,
+        "dtype": str(ctx.dtype).replace("torch.", ""),
+        "budgets": {
+            "per_sample_grad_ulps": k.grad_budget_ulps,
+            "loss_ulps": k.loss_budget_ulps,
+            "clip_fp32_ulps": CLIP_BUDGET_ULPS,
+            "noise_margin_se": k.noise_margin_se,
+            "bf16_eps": BF16_EPS,
+        },
+    }
     lora_b = [p for name, p in model.named_parameters() if p.requires_grad and "lora_B" in name]
     saved_b = [p.detach().clone() for p in lora_b]
     generator = torch.Generator(device="cpu").manual_seed(ctx.args.check.seed)
-    with torch.no_grad():  # LoRA B starts at 0, which makes every lora_A gradient exactly 0: give both a signal
+    with (
+        torch.no_grad()
+    ):  # LoRA B starts at 0, which makes every lora_A gradient exactly 0: give both a signal
         for p in lora_b:
             p.copy_(torch.randn(p.shape, generator=generator).to(p) * 1e-2)
     try:
@@ -647,9 +864,14 @@ def part_correctness(ctx, clock) -> dict:
                 per_row = [scaled_error([s[i] for s in samples], loop[i], BF16_EPS) for i in range(B)]
                 summed = scaled_error([s.sum(0) for s in samples], batched_sum, BF16_EPS)
                 checks[f"per_sample_grads_{mode}"] = {
-                    "passed": max(per_row) <= k.grad_budget_ulps, "error_ulps": max(per_row), "per_row_error_ulps": per_row,
-                    "sum_vs_batched_gradient_ulps": summed, "floor_ulps": floor, "budget_ulps": k.grad_budget_ulps,
-                    "what": "grad_sample[i] vs the gradient of row i alone (unpadded), every LoRA tensor"}
+                    "passed": max(per_row) <= k.grad_budget_ulps,
+                    "error_ulps": max(per_row),
+                    "per_row_error_ulps": per_row,
+                    "sum_vs_batched_gradient_ulps": summed,
+                    "floor_ulps": floor,
+                    "budget_ulps": k.grad_budget_ulps,
+                    "what": "grad_sample[i] vs the gradient of row i alone (unpadded), every LoRA tensor",
+                }
                 ctx.write()
             # the chunked answer-only head against the full logits
             clear_training_state(model, params)
@@ -657,7 +879,9 @@ def part_correctness(ctx, clock) -> dict:
             chunked.sum().backward()
             chunked_grads = _grads(params)
             clear_training_state(model, params)
-            logits = model(input_ids=batch["input_ids"], attention_mask=None).logits  # right-padded: as utils.loss runs the body
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=None
+            ).logits  # right-padded: as utils.loss runs the body
             full = per_example_loss_from_logits(logits, batch["labels"])
             full.sum().backward()
             full_grads = _grads(params)
@@ -667,9 +891,13 @@ def part_correctness(ctx, clock) -> dict:
             grad_error = scaled_error(chunked_grads, full_grads, BF16_EPS)
             checks["chunked_head_vs_full_logits"] = {
                 "passed": loss_error <= k.loss_budget_ulps and grad_error <= k.grad_budget_ulps,
-                "loss_error_ulps": loss_error, "grad_error_ulps": grad_error, "loss_budget_ulps": k.loss_budget_ulps,
-                "grad_budget_ulps": k.grad_budget_ulps, "losses_chunked": chunked.detach().float().cpu().tolist(),
-                "losses_full": full.detach().float().cpu().tolist()}
+                "loss_error_ulps": loss_error,
+                "grad_error_ulps": grad_error,
+                "loss_budget_ulps": k.loss_budget_ulps,
+                "grad_budget_ulps": k.grad_budget_ulps,
+                "losses_chunked": chunked.detach().float().cpu().tolist(),
+                "losses_full": full.detach().float().cpu().tolist(),
+            }
             ctx.write()
             for secure in (False, True):
                 name = "dp_noise_secure" if secure else "dp_noise_seeded"
@@ -702,8 +930,12 @@ def noise_check(ctx, model, params, batch, secure: bool) -> dict:
         clear_training_state(model, params)
         hooks = privacy.attach_per_sample_hooks(model, privacy.DEFAULT_GRAD_SAMPLE_MODE)
         try:
-            generator = None if secure else torch.Generator(device=ctx.device).manual_seed(ctx.args.check.seed + 1)
-            optimizer = privacy.make_dp_optimizer(torch.optim.SGD(params, lr=0.0), noise, C, B, generator, secure_mode=secure)
+            generator = (
+                None if secure else torch.Generator(device=ctx.device).manual_seed(ctx.args.check.seed + 1)
+            )
+            optimizer = privacy.make_dp_optimizer(
+                torch.optim.SGD(params, lr=0.0), noise, C, B, generator, secure_mode=secure
+            )
             training.backward_examples(model, batch, params, True, B)
             samples = [p.grad_sample.detach().clone() for p in params]
             optimizer.step()  # clip, sum, noise, / B; lr 0 leaves the weights as they are
@@ -727,9 +959,18 @@ def noise_check(ctx, model, params, batch, secure: bool) -> dict:
             std, mean = residual.std().item(), residual.mean().item()
             std_margin = k.noise_margin_se / math.sqrt(2 * n)
             mean_margin = k.noise_margin_se * want / math.sqrt(n)
-            out.update({"coordinates": n, "expected_std": want, "std": std, "std_ratio": std / want, "std_margin": std_margin,
-                        "mean": mean, "mean_margin": mean_margin,
-                        "noise_passed": abs(std / want - 1) <= std_margin and abs(mean) <= mean_margin})
+            out.update(
+                {
+                    "coordinates": n,
+                    "expected_std": want,
+                    "std": std,
+                    "std_ratio": std / want,
+                    "std_margin": std_margin,
+                    "mean": mean,
+                    "mean_margin": mean_margin,
+                    "noise_passed": abs(std / want - 1) <= std_margin and abs(mean) <= mean_margin,
+                }
+            )
     out["passed"] = bool(out.get("clip_passed") and out.get("noise_passed"))
     return out
 
@@ -754,12 +995,24 @@ def fourbit_check(ctx, clock, batch) -> dict:
     model = params = None
     try:
         torch.manual_seed(ctx.args.check.seed)
-        model = training.build_lora_model(ctx.base_dir, training.LoraArguments(), ctx.tokenizer, ctx.device, dtype=ctx.dtype, load_in_4bit=True)
+        model = training.build_lora_model(
+            ctx.base_dir,
+            training.LoraArguments(),
+            ctx.tokenizer,
+            ctx.device,
+            dtype=ctx.dtype,
+            load_in_4bit=True,
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         B = batch["input_ids"].shape[0]
         hooks = privacy.attach_per_sample_hooks(model, privacy.DEFAULT_GRAD_SAMPLE_MODE)
-        optimizer = privacy.make_dp_optimizer(torch.optim.AdamW(params, lr=1e-2), 0.0, k.max_grad_norm, B,
-                                              torch.Generator(device=ctx.device).manual_seed(ctx.args.check.seed))
+        optimizer = privacy.make_dp_optimizer(
+            torch.optim.AdamW(params, lr=1e-2),
+            0.0,
+            k.max_grad_norm,
+            B,
+            torch.Generator(device=ctx.device).manual_seed(ctx.args.check.seed),
+        )
         losses = []
         with dropout_off(model):
             for _ in range(k.fourbit_steps):
@@ -771,10 +1024,19 @@ def fourbit_check(ctx, clock, batch) -> dict:
             with torch.no_grad():
                 losses.append(float(per_example_loss(model, batch).mean()))
         passed = all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-        return {"status": "ok", "passed": passed, "losses": losses, "seconds": time.perf_counter() - started,
-                "what": f"{k.fourbit_steps} DP steps (noise 0) on one batch; the loss after them must be below the first"}
+        return {
+            "status": "ok",
+            "passed": passed,
+            "losses": losses,
+            "seconds": time.perf_counter() - started,
+            "what": f"{k.fourbit_steps} DP steps (noise 0) on one batch; the loss after them must be below the first",
+        }
     except Exception as error:
-        return {"status": f"error: {_one_line(error)}", "passed": False, "traceback": traceback.format_exc()[-3000:]}
+        return {
+            "status": f"error: {_one_line(error)}",
+            "passed": False,
+            "traceback": traceback.format_exc()[-3000:],
+        }
     finally:
         if params is not None:
             clear_training_state(model, params)
@@ -784,6 +1046,7 @@ def fourbit_check(ctx, clock, batch) -> dict:
 
 # -----------------------------------------------------------------------------
 # part 2: step cost
+
 
 def make_arm(name: str, model, params, batch_size: int, ctx):
     from bench import bench_step
@@ -796,7 +1059,9 @@ def make_arm(name: str, model, params, batch_size: int, ctx):
     if name == "notebook":
         return bench_step.notebook_arm(model, params, batch_size, ctx.device, seed)
     if name == "hf_nonprivate":
-        return bench_step.hf_nonprivate_arm(model, params, ctx.args.step.hf_pad_to, ctx.tokenizer.pad_token_id)
+        return bench_step.hf_nonprivate_arm(
+            model, params, ctx.args.step.hf_pad_to, ctx.tokenizer.pad_token_id
+        )
     raise ValueError(name)
 
 
@@ -817,8 +1082,12 @@ def probe(ctx, model, params, name: str, batch_size: int, seq_len: int):
     arm, peak, oom = None, None, False
     try:
         arm = make_arm(name, model, params, batch_size, ctx)
-        batch = bench_step.synthetic_batch(batch_size, seq_len, vocab, ctx.args.step.answer_fraction, ctx.args.check.seed, ctx.device)
-        peak = bench_step.run_arm(arm, batch, lambda step: bench_step.step_peak_memory(step, ctx.device))["peak_bytes"]
+        batch = bench_step.synthetic_batch(
+            batch_size, seq_len, vocab, ctx.args.step.answer_fraction, ctx.args.check.seed, ctx.device
+        )
+        peak = bench_step.run_arm(arm, batch, lambda step: bench_step.step_peak_memory(step, ctx.device))[
+            "peak_bytes"
+        ]
     except Exception as error:
         if not is_oom(error):
             raise
@@ -834,7 +1103,8 @@ def _round_batch(b: int) -> int:
 
 
 def search_batch(ctx, model, params, name: str, seq_len: int, clock) -> dict:
-    """The largest B whose step fits: two probes, a linear fit of peak(B), the prediction tried, then bisection below it."""
+    """The largest B whose step fits: two probes, a linear fit of peak(B), the prediction tried, then bisection
+    below it."""
     s = ctx.args.step
     probes = []
 
@@ -865,7 +1135,9 @@ def search_batch(ctx, model, params, name: str, seq_len: int, clock) -> dict:
                 if candidate <= lo or clock.expired():
                     break
                 ok, _ = attempt(candidate)
-                if ok and hi is None:  # the prediction itself fits: peak memory is linear in B, so that is the limit
+                if (
+                    ok and hi is None
+                ):  # the prediction itself fits: peak memory is linear in B, so that is the limit
                     lo = candidate
                     break
                 lo, hi = (candidate, hi) if ok else (lo, candidate)
@@ -887,8 +1159,13 @@ def part_step(ctx, clock) -> dict:
     modes = list(dict.fromkeys([default] + list(s.grad_sample_modes)))
     project_arms = ["nonprivate"] + [f"dp_{m}" for m in modes]
     reference_arms = ["notebook", "hf_nonprivate"]
-    out = {"default_grad_sample_mode": default, "peak_tflops": s.peak_tflops, "memory_method": "", "results": [],
-           "flops_formula": "4*N_body*B*T + 12*L*n_heads*head_dim*B*T^2 + 4*V*H*M (module docstring)"}
+    out = {
+        "default_grad_sample_mode": default,
+        "peak_tflops": s.peak_tflops,
+        "memory_method": "",
+        "results": [],
+        "flops_formula": "4*N_body*B*T + 12*L*n_heads*head_dim*B*T^2 + 4*V*H*M (module docstring)",
+    }
     from bench import bench_step
 
     out["memory_method"] = bench_step.MEMORY_METHOD[ctx.device.type]
@@ -912,37 +1189,62 @@ def part_step(ctx, clock) -> dict:
         arms_b = [n for n in ["nonprivate", f"dp_{default}"] + reference_arms if found.get(n, 0) >= 1]
         b_a = min((found[n] for n in arms_a), default=0)
         b_b = min([b_a] + [found[n] for n in arms_b])
-        groups = (("A", arms_a, [m for m in modes if f"dp_{m}" in arms_a], b_a),
-                  ("B", arms_b, [default] if f"dp_{default}" in arms_b else [], b_b))
+        groups = (
+            ("A", arms_a, [m for m in modes if f"dp_{m}" in arms_a], b_a),
+            ("B", arms_b, [default] if f"dp_{default}" in arms_b else [], b_b),
+        )
         for group, names, group_modes, batch_size in groups:
             if share.expired() or batch_size < 1 or "nonprivate" not in names or not group_modes:
-                entry["groups"][group] = {"status": "skipped: time limit" if share.expired() else "skipped: too few arms fit a batch"}
+                entry["groups"][group] = {
+                    "status": "skipped: time limit"
+                    if share.expired()
+                    else "skipped: too few arms fit a batch"
+                }
                 continue
-            entry["groups"][group] = measure_group(ctx, model, params, names, group_modes, batch_size, seq_len, share)
+            entry["groups"][group] = measure_group(
+                ctx, model, params, names, group_modes, batch_size, seq_len, share
+            )
             ctx.write()
         group_a = entry["groups"].get("A", {})
         if group_a.get("arms") and f"dp_{default}" in group_a["arms"] and not share.expired():
             entry["dp_phases"] = phases(ctx, model, params, group_a["batch_size"], seq_len, default)
             entry["mfu_limits"] = mfu_limits(entry, out["matmul_ceiling"], s.peak_tflops, default)
             if "dp_step_s_per_example" not in ctx.notes:
-                ctx.notes["dp_step_s_per_example"] = group_a["arms"][f"dp_{default}"]["median_s"] / group_a["batch_size"]
+                ctx.notes["dp_step_s_per_example"] = (
+                    group_a["arms"][f"dp_{default}"]["median_s"] / group_a["batch_size"]
+                )
                 ctx.notes["dp_batch_size"] = group_a["batch_size"]
         ctx.write()
-    out["status"] = "ok" if all(g.get("arms") for r in out["results"] for g in r["groups"].values()) and len(out["results"]) == len(s.seq_lens) \
+    out["status"] = (
+        "ok"
+        if all(g.get("arms") for r in out["results"] for g in r["groups"].values())
+        and len(out["results"]) == len(s.seq_lens)
         else "partial"
+    )
     return out
 
 
-def measure_group(ctx, model, params, names: list[str], modes: list[str], batch_size: int, seq_len: int, clock) -> dict:
+def measure_group(
+    ctx, model, params, names: list[str], modes: list[str], batch_size: int, seq_len: int, clock
+) -> dict:
     """bench_step.bench_seq_len over these arms at B rows; backs off 15% once if an arm runs out of memory."""
     from bench import bench_step
 
     s = ctx.args.step
     for attempt in range(2):
-        b = dataclasses.replace(bench_step.BenchArguments(), seq_lens=[seq_len], tokens_per_batch=batch_size * seq_len,
-                                answer_fraction=s.answer_fraction, warmup_steps=s.warmup_steps, steps=s.steps, grad_sample_modes=modes,
-                                skip_notebook="notebook" not in names, skip_hf_nonprivate="hf_nonprivate" not in names,
-                                hf_pad_to=s.hf_pad_to, seed=ctx.args.check.seed)
+        b = dataclasses.replace(
+            bench_step.BenchArguments(),
+            seq_lens=[seq_len],
+            tokens_per_batch=batch_size * seq_len,
+            answer_fraction=s.answer_fraction,
+            warmup_steps=s.warmup_steps,
+            steps=s.steps,
+            grad_sample_modes=modes,
+            skip_notebook="notebook" not in names,
+            skip_hf_nonprivate="hf_nonprivate" not in names,
+            hf_pad_to=s.hf_pad_to,
+            seed=ctx.args.check.seed,
+        )
         try:
             result = bench_step.bench_seq_len(model, params, b, seq_len, ctx.shape.vocab_size, ctx.device)
             break
@@ -979,15 +1281,27 @@ def phases(ctx, model, params, batch_size: int, seq_len: int, mode: str) -> dict
     from utils import privacy, training
     from utils.loss import answer_hidden_states, per_example_loss
 
-    batch = bench_step.synthetic_batch(batch_size, seq_len, ctx.shape.vocab_size, ctx.args.step.answer_fraction, ctx.args.check.seed, ctx.device)
+    batch = bench_step.synthetic_batch(
+        batch_size,
+        seq_len,
+        ctx.shape.vocab_size,
+        ctx.args.step.answer_fraction,
+        ctx.args.check.seed,
+        ctx.device,
+    )
     out = {"batch_size": batch_size}
     for dp in (True, False):
         hooks = privacy.attach_per_sample_hooks(model, mode) if dp else None
         try:
             optimizer = torch.optim.AdamW(params, lr=bench_step.LEARNING_RATE)
             if dp:
-                optimizer = privacy.make_dp_optimizer(optimizer, bench_step.NOISE_MULTIPLIER, bench_step.MAX_GRAD_NORM, batch_size,
-                                                      torch.Generator(device=ctx.device).manual_seed(ctx.args.check.seed))
+                optimizer = privacy.make_dp_optimizer(
+                    optimizer,
+                    bench_step.NOISE_MULTIPLIER,
+                    bench_step.MAX_GRAD_NORM,
+                    batch_size,
+                    torch.Generator(device=ctx.device).manual_seed(ctx.args.check.seed),
+                )
 
             def timed(fn):
                 ctx.sync()
@@ -997,7 +1311,11 @@ def phases(ctx, model, params, batch_size: int, seq_len: int, mode: str) -> dict
                 return time.perf_counter() - started, value
 
             for _ in range(2):  # the first round warms up
-                body_s, hidden = timed(lambda: answer_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["labels"]))
+                body_s, hidden = timed(
+                    lambda: answer_hidden_states(
+                        model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                    )
+                )
                 del hidden
                 clear_training_state(model, params)  # the hooks saw a forward with no backward
                 forward_s, losses = timed(lambda: per_example_loss(model, batch))
@@ -1013,10 +1331,18 @@ def phases(ctx, model, params, batch_size: int, seq_len: int, mode: str) -> dict
             clear_training_state(model, params)
         total = full_s + step_s
         out["dp" if dp else "nonprivate"] = {
-            "body_forward_s": body_s, "head_forward_s": max(forward_s - body_s, 0.0), "backward_s": max(full_s - forward_s, 0.0),
-            "optimizer_step_s": step_s, "step_s": total,
-            "shares": {"body_forward": body_s / total, "head_forward": max(forward_s - body_s, 0.0) / total,
-                       "backward": max(full_s - forward_s, 0.0) / total, "optimizer_step": step_s / total}}
+            "body_forward_s": body_s,
+            "head_forward_s": max(forward_s - body_s, 0.0),
+            "backward_s": max(full_s - forward_s, 0.0),
+            "optimizer_step_s": step_s,
+            "step_s": total,
+            "shares": {
+                "body_forward": body_s / total,
+                "head_forward": max(forward_s - body_s, 0.0) / total,
+                "backward": max(full_s - forward_s, 0.0) / total,
+                "optimizer_step": step_s / total,
+            },
+        }
     ctx.empty_cache()
     return out
 
@@ -1048,7 +1374,10 @@ def mfu_limits(entry: dict, ceiling: dict, peak_tflops: float, mode: str) -> str
     dp, base = arms.get(f"dp_{mode}"), arms.get("nonprivate")
     split = entry.get("dp_phases", {}).get("dp", {}).get("shares", {})
     parts = [f"MFU {dp['mfu']:.1%} (dp_{mode}) vs {base['mfu']:.1%} non-private" if dp and base else ""]
-    parts.append(f"a bare {ceiling['n']}^3 matmul reaches {ceiling['tflops_per_s'] / peak_tflops:.0%} of the {peak_tflops:g} TFLOP/s peak")
+    parts.append(
+        f"a bare {ceiling['n']}^3 matmul reaches {ceiling['tflops_per_s'] / peak_tflops:.0%} of the "
+        f"{peak_tflops:g} TFLOP/s peak"
+    )
     if split:
         largest = sorted(split.items(), key=lambda kv: -kv[1])
         parts.append("DP step time: " + ", ".join(f"{name} {share:.0%}" for name, share in largest))
@@ -1057,6 +1386,7 @@ def mfu_limits(entry: dict, ceiling: dict, peak_tflops: float, mode: str) -> str
 
 # -----------------------------------------------------------------------------
 # part 3: generation
+
 
 def save_adapters(ctx) -> str:
     """Adapters of the default LoRA shape over the saved base, written as a run writes them."""
@@ -1073,7 +1403,12 @@ def part_generate(ctx, clock) -> dict:
     adapters = save_adapters(ctx)
     ctx.release()
     questions = [c["input"] for c in ctx.cards]
-    settings = dataclasses.replace(bench_generate.BenchArguments(), model=ctx.base_dir, max_new_tokens=g.gen_max_new_tokens, device=str(ctx.device))
+    settings = dataclasses.replace(
+        bench_generate.BenchArguments(),
+        model=ctx.base_dir,
+        max_new_tokens=g.gen_max_new_tokens,
+        device=str(ctx.device),
+    )
     runs = []
     out = {"runs": runs, "max_new_tokens": g.gen_max_new_tokens}
     for batch_size in g.gen_batch_sizes:
@@ -1083,7 +1418,9 @@ def part_generate(ctx, clock) -> dict:
                 continue
             n = max(batch_size, g.gen_min_questions)
             name = f"batch{batch_size}_{'merged' if merged else 'attached'}"
-            run = bench_generate.measure(name, adapters, settings, questions[:n], batch_size, merged, str(ctx.device))
+            run = bench_generate.measure(
+                name, adapters, settings, questions[:n], batch_size, merged, str(ctx.device)
+            )
             run["questions"] = n
             runs.append(run)
             ctx.empty_cache()
@@ -1105,9 +1442,18 @@ def part_generate(ctx, clock) -> dict:
 # -----------------------------------------------------------------------------
 # part 4: end to end, as subprocesses
 
+
 def run_command(cmd: list[str], env: dict, timeout_s: float) -> dict:
     started = time.perf_counter()
-    process = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        cmd,
+        cwd=str(REPO),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = process.communicate(timeout=max(timeout_s, 1.0))
         timed_out = False
@@ -1115,8 +1461,14 @@ def run_command(cmd: list[str], env: dict, timeout_s: float) -> dict:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         timed_out = True
-    return {"command": shlex.join(cmd), "rc": process.returncode, "timed_out": timed_out, "wall_s": time.perf_counter() - started,
-            "stdout": stdout, "stderr": stderr}
+    return {
+        "command": shlex.join(cmd),
+        "rc": process.returncode,
+        "timed_out": timed_out,
+        "wall_s": time.perf_counter() - started,
+        "stdout": stdout,
+        "stderr": stderr,
+    }
 
 
 def _tail(text: str, n: int = 2500) -> str:
@@ -1130,14 +1482,18 @@ def read_epsilon(run_dir: Path, stdout: str) -> dict:
             try:
                 report = json.loads(path.read_text(encoding="utf-8"))
                 value = report.get("epsilon")
-                return {"epsilon": float(value) if value is not None else None, "source": str(path.relative_to(run_dir)),
-                        "delta": report.get("delta"), "steps": report.get("steps_taken", report.get("steps"))}
+                return {
+                    "epsilon": float(value) if value is not None else None,
+                    "source": str(path.relative_to(run_dir)),
+                    "delta": report.get("delta"),
+                    "steps": report.get("steps_taken", report.get("steps")),
+                }
             except (ValueError, TypeError, AttributeError):
                 continue
     lines = stdout.splitlines()
     for i, line in enumerate(lines):
         if line.strip().startswith("Done:"):
-            for following in lines[i:i + 4]:  # the line itself, or the guarantee printed under it
+            for following in lines[i : i + 4]:  # the line itself, or the guarantee printed under it
                 match = re.search(r"epsilon\s*(?:=|<=|≤)\s*([0-9.eE+-]+|inf)", following)
                 if match:
                     return {"epsilon": float(match.group(1)), "source": "stdout, at the Done: line"}
@@ -1149,8 +1505,16 @@ def subprocess_env(ctx, with_shims: bool) -> dict:
     path = [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if with_shims:
         path.insert(0, str(SHIMS_DIR))
-    env.update({"PYTHONPATH": os.pathsep.join(dict.fromkeys(path)), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join(dict.fromkeys(path)),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "WANDB_MODE": "disabled",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if ctx.args.check.threads:
         env["OMP_NUM_THREADS"] = str(ctx.args.check.threads)
     if ctx.device.type == "cpu":
@@ -1173,12 +1537,38 @@ def part_end_to_end(ctx, clock) -> dict:
         sized = f"from part 2: {per_example * 1e3:.2f} ms per example"
     else:
         steps, sized = 20, "default (part 2 did not run)"
-    per_device = min(e.e2e_per_device_batch_size, max(1, ctx.notes.get("dp_batch_size", e.e2e_per_device_batch_size)))
+    per_device = min(
+        e.e2e_per_device_batch_size, max(1, ctx.notes.get("dp_batch_size", e.e2e_per_device_batch_size))
+    )
     python = sys.executable or "python3"
-    train_cmd = [python, "train_dp_lora.py", "--model", ctx.base_dir, "--dataset", "bundled", "--report_to", "none",
-                 "--output_dir", str(run_dir), "--max_steps", str(steps), "--logical_batch_size", str(e.e2e_logical_batch_size),
-                 "--per_device_train_batch_size", str(per_device), "--epsilon", str(e.e2e_epsilon), "--eval_steps", "0",
-                 "--save_steps", "0", "--epsilon_log_steps", str(max(1, steps // 4)), "--seed", str(ctx.args.check.seed)]
+    train_cmd = [
+        python,
+        "train_dp_lora.py",
+        "--model",
+        ctx.base_dir,
+        "--dataset",
+        "bundled",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(run_dir),
+        "--max_steps",
+        str(steps),
+        "--logical_batch_size",
+        str(e.e2e_logical_batch_size),
+        "--per_device_train_batch_size",
+        str(per_device),
+        "--epsilon",
+        str(e.e2e_epsilon),
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "0",
+        "--epsilon_log_steps",
+        str(max(1, steps // 4)),
+        "--seed",
+        str(ctx.args.check.seed),
+    ]
     out = {"max_steps": steps, "max_steps_sized": sized, "per_device_train_batch_size": per_device}
     reserve = min(0.4 * clock.limit_s, 60.0)  # kept for infer.py and evaluate_qa.py
     train = run_command(train_cmd, subprocess_env(ctx, False), clock.left() - reserve)
@@ -1189,19 +1579,47 @@ def part_end_to_end(ctx, clock) -> dict:
     out["train"]["done_line"] = done[-1].strip() if done else None
     ctx.write()
     if train["rc"] != 0:
-        out["status"] = "failed: train_dp_lora.py " + ("timed out" if train["timed_out"] else f"exited {train['rc']}")
+        out["status"] = "failed: train_dp_lora.py " + (
+            "timed out" if train["timed_out"] else f"exited {train['rc']}"
+        )
         return out
-    infer_cmd = [python, "infer.py", "--adapters", str(run_dir), "--question", e.e2e_question, "--max_new_tokens", str(e.e2e_max_new_tokens)]
-    shim = any(importlib.util.find_spec(name) is None for name in ("evaluate", "datasets", "pyarrow", "pandas"))  # what `import evaluate` needs
+    infer_cmd = [
+        python,
+        "infer.py",
+        "--adapters",
+        str(run_dir),
+        "--question",
+        e.e2e_question,
+        "--max_new_tokens",
+        str(e.e2e_max_new_tokens),
+    ]
+    shim = any(
+        importlib.util.find_spec(name) is None for name in ("evaluate", "datasets", "pyarrow", "pandas")
+    )  # what `import evaluate` needs
     eval_dir = ctx.work / "e2e_eval"
-    eval_cmd = [python, "evaluate_qa.py", "--adapters", str(run_dir), "--max_samples", str(e.e2e_eval_samples), "--no_base",
-                "--report_to", "none", "--output_dir", str(eval_dir), "--max_new_tokens", str(e.e2e_max_new_tokens)]
+    eval_cmd = [
+        python,
+        "evaluate_qa.py",
+        "--adapters",
+        str(run_dir),
+        "--max_samples",
+        str(e.e2e_eval_samples),
+        "--no_base",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(eval_dir),
+        "--max_new_tokens",
+        str(e.e2e_max_new_tokens),
+    ]
     if e.e2e_concurrent:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(2) as pool:
-            pending = [pool.submit(run_command, infer_cmd, subprocess_env(ctx, False), clock.left()),
-                       pool.submit(run_command, eval_cmd, subprocess_env(ctx, shim), clock.left())]
+            pending = [
+                pool.submit(run_command, infer_cmd, subprocess_env(ctx, False), clock.left()),
+                pool.submit(run_command, eval_cmd, subprocess_env(ctx, shim), clock.left()),
+            ]
             infer, evaluation = (f.result() for f in pending)
     else:
         infer = run_command(infer_cmd, subprocess_env(ctx, False), clock.left() - reserve / 2)
@@ -1210,22 +1628,36 @@ def part_end_to_end(ctx, clock) -> dict:
     out["infer"] = {k: v for k, v in infer.items() if k not in ("stdout", "stderr")}
     out["infer"].update({"stdout_tail": _tail(infer["stdout"], 1500), "stderr_tail": _tail(infer["stderr"])})
     out["evaluate"] = {k: v for k, v in evaluation.items() if k not in ("stdout", "stderr")}
-    out["evaluate"].update({"stdout_tail": _tail(evaluation["stdout"], 1500), "stderr_tail": _tail(evaluation["stderr"]),
-                            "metric_module": "bench/gpu_shims/evaluate (utils.metrics; `evaluate` does not import here)" if shim else "evaluate"})
-    results_file = next(iter(sorted(eval_dir.glob("**/eval_results.json"))), None) if eval_dir.exists() else None
+    out["evaluate"].update(
+        {
+            "stdout_tail": _tail(evaluation["stdout"], 1500),
+            "stderr_tail": _tail(evaluation["stderr"]),
+            "metric_module": "bench/gpu_shims/evaluate (utils.metrics; `evaluate` does not import here)"
+            if shim
+            else "evaluate",
+        }
+    )
+    results_file = (
+        next(iter(sorted(eval_dir.glob("**/eval_results.json"))), None) if eval_dir.exists() else None
+    )
     if results_file:
         try:
             results = json.loads(results_file.read_text(encoding="utf-8"))
-            out["evaluate"]["results"] = results.get("models", results) if isinstance(results, dict) else results
+            out["evaluate"]["results"] = (
+                results.get("models", results) if isinstance(results, dict) else results
+            )
         except ValueError:
             pass
     failed = [name for name in ("infer", "evaluate") if out[name]["rc"] != 0]
-    out["status"] = "ok" if not failed else "failed: " + ", ".join(f"{n} exited {out[n]['rc']}" for n in failed)
+    out["status"] = (
+        "ok" if not failed else "failed: " + ", ".join(f"{n} exited {out[n]['rc']}" for n in failed)
+    )
     return out
 
 
 # -----------------------------------------------------------------------------
 # goals, tables, summary
+
 
 def goals(report: dict) -> dict:
     out = {}
@@ -1236,20 +1668,41 @@ def goals(report: dict) -> dict:
         a, b = entry["groups"].get("A", {}), entry["groups"].get("B", {})
         ratio = a.get("ratios", {}).get(f"dp_{default}/nonprivate")
         if ratio:
-            out[f"dp_vs_nonprivate_time_T{T}"] = {"value": ratio["time"], "target": "<= 1.05", "met": ratio["time"] <= 1.05}
+            out[f"dp_vs_nonprivate_time_T{T}"] = {
+                "value": ratio["time"],
+                "target": "<= 1.05",
+                "met": ratio["time"] <= 1.05,
+            }
             memory = ratio.get("memory_total", ratio["memory"])
-            out[f"dp_vs_nonprivate_memory_T{T}"] = {"value": memory, "target": "<= 1.05", "met": memory <= 1.05}
+            out[f"dp_vs_nonprivate_memory_T{T}"] = {
+                "value": memory,
+                "target": "<= 1.05",
+                "met": memory <= 1.05,
+            }
         ratio = b.get("ratios", {}).get(f"dp_{default}/hf_nonprivate")
         if ratio:
-            out[f"dp_vs_hf_nonprivate_time_T{T}"] = {"value": ratio["time"], "target": "<= 0.6", "met": ratio["time"] <= 0.6,
-                                                     "batch_size": b.get("batch_size")}
+            out[f"dp_vs_hf_nonprivate_time_T{T}"] = {
+                "value": ratio["time"],
+                "target": "<= 0.6",
+                "met": ratio["time"] <= 0.6,
+                "batch_size": b.get("batch_size"),
+            }
         arm = a.get("arms", {}).get(f"dp_{default}")
         if arm:
-            out[f"dp_mfu_T{T}"] = {"value": arm["mfu"], "target": "reported", "met": None, "limits": entry.get("mfu_limits")}
+            out[f"dp_mfu_T{T}"] = {
+                "value": arm["mfu"],
+                "target": "reported",
+                "met": None,
+                "limits": entry.get("mfu_limits"),
+            }
     for run in report["parts"].get("generate", {}).get("runs", []):
         if run.get("batch_size") == 16 and "speedup_vs_batch1" in run:
             key = "generation_batch16_vs_batch1_" + ("merged" if run["merged"] else "attached")
-            out[key] = {"value": run["speedup_vs_batch1"], "target": ">= 8", "met": run["speedup_vs_batch1"] >= 8}
+            out[key] = {
+                "value": run["speedup_vs_batch1"],
+                "target": ">= 8",
+                "met": run["speedup_vs_batch1"] >= 8,
+            }
     return out
 
 
@@ -1265,10 +1718,14 @@ def _fmt(value, spec: str = ".3g") -> str:
 
 def markdown(report: dict) -> str:
     env = report.get("environment", {}).get("found", {})
-    lines = [f"# GPU check: {env.get('gpu') or env.get('device', '?')}", "",
-             f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, opacus {env.get('opacus', '?')}, "
-             f"peft {env.get('peft', '?')}; python {report.get('environment', {}).get('python', '?')}; "
-             f"model {report.get('model_shape', {})}; wall {_fmt(report.get('wall_s'), '.0f')} s", ""]
+    lines = [
+        f"# GPU check: {env.get('gpu') or env.get('device', '?')}",
+        "",
+        f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, opacus {env.get('opacus', '?')}, "
+        f"peft {env.get('peft', '?')}; python {report.get('environment', {}).get('python', '?')}; "
+        f"model {report.get('model_shape', {})}; wall {_fmt(report.get('wall_s'), '.0f')} s",
+        "",
+    ]
     missing = report.get("environment", {}).get("missing")
     if missing:
         lines += ["## Missing", ""] + [f"- {m}" for m in missing] + [""]
@@ -1277,16 +1734,32 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {part.get('status', '?')} | {_fmt(part.get('wall_s'), '.1f')} |")
     correctness = report.get("parts", {}).get("correctness", {})
     if correctness.get("checks"):
-        lines += ["", "## Correctness", "", "| check | passed | measured | budget |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Correctness",
+            "",
+            "| check | passed | measured | budget |",
+            "| --- | --- | --- | --- |",
+        ]
         for name, check in correctness["checks"].items():
             if name.startswith("per_sample"):
-                measured, budget = f"{_fmt(check.get('error_ulps'))} ulps (floor {_fmt(check.get('floor_ulps'))})", f"{_fmt(check.get('budget_ulps'))} ulps"
+                measured, budget = (
+                    f"{_fmt(check.get('error_ulps'))} ulps (floor {_fmt(check.get('floor_ulps'))})",
+                    f"{_fmt(check.get('budget_ulps'))} ulps",
+                )
             elif name.startswith("chunked"):
                 measured = f"loss {_fmt(check.get('loss_error_ulps'))}, grad {_fmt(check.get('grad_error_ulps'))} ulps"
                 budget = f"{_fmt(check.get('loss_budget_ulps'))} / {_fmt(check.get('grad_budget_ulps'))} ulps"
             elif name.startswith("dp_noise"):
-                measured = f"std/expected {_fmt(check.get('std_ratio'), '.5f')}, mean {_fmt(check.get('mean'))}, clip {_fmt(check.get('clip_error_fp32_ulps'))} fp32 ulps"
-                budget = f"+-{_fmt(check.get('std_margin'), '.2g')}, +-{_fmt(check.get('mean_margin'), '.2g')}, {CLIP_BUDGET_ULPS:g}"
+                measured = (
+                    f"std/expected {_fmt(check.get('std_ratio'), '.5f')}, mean {_fmt(check.get('mean'))}, "
+                    f"clip {_fmt(check.get('clip_error_fp32_ulps'))} fp32 ulps"
+                )
+                std_margin, mean_margin = (
+                    _fmt(check.get("std_margin"), ".2g"),
+                    _fmt(check.get("mean_margin"), ".2g"),
+                )
+                budget = f"+-{std_margin}, +-{mean_margin}, {CLIP_BUDGET_ULPS:g}"
             else:
                 measured, budget = check.get("status", ""), ""
                 if check.get("losses"):
@@ -1294,41 +1767,76 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {_fmt(check.get('passed'))} | {measured} | {budget} |")
     step = report.get("parts", {}).get("step", {})
     if step.get("results"):
-        lines += ["", "## Step cost", "", f"memory: {step.get('memory_method')}; MFU against {step.get('peak_tflops')} TFLOP/s; "
-                  f"bare matmul {_fmt(step.get('matmul_ceiling', {}).get('tflops_per_s'), '.0f')} TFLOP/s; FLOPs {step.get('flops_formula')}", "",
-                  "| T | group | B | arm | s/step | examples/s | tokens/s | peak GiB | above start GiB | MFU |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Step cost",
+            "",
+            f"memory: {step.get('memory_method')}; MFU against {step.get('peak_tflops')} TFLOP/s; "
+            f"bare matmul {_fmt(step.get('matmul_ceiling', {}).get('tflops_per_s'), '.0f')} TFLOP/s; FLOPs "
+            f"{step.get('flops_formula')}",
+            "",
+            "| T | group | B | arm | s/step | examples/s | tokens/s | peak GiB | above start GiB | MFU |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for entry in step["results"]:
             for group, result in entry["groups"].items():
                 for name, arm in result.get("arms", {}).items():
                     total = arm.get("peak_total_bytes")
-                    lines.append(f"| {entry['seq_len']} | {group} | {result['batch_size']} | {name} | {arm['median_s']:.4f} | "
-                                 f"{arm['examples_per_s']:.1f} | {arm['tokens_per_s']:.0f} | {_fmt(total / 2**30 if total else None, '.2f')} | "
-                                 f"{arm['peak_bytes'] / 2**30:.3f} | {arm['mfu']:.1%} |")
-        lines += ["", "| T | group | ratio | time | memory (above start) | memory (total peak) |", "| --- | --- | --- | --- | --- | --- |"]
+                    lines.append(
+                        f"| {entry['seq_len']} | {group} | {result['batch_size']} | {name} | {arm['median_s']:.4f} | "
+                        f"{arm['examples_per_s']:.1f} | {arm['tokens_per_s']:.0f} | "
+                        f"{_fmt(total / 2**30 if total else None, '.2f')} | "
+                        f"{arm['peak_bytes'] / 2**30:.3f} | {arm['mfu']:.1%} |"
+                    )
+        lines += [
+            "",
+            "| T | group | ratio | time | memory (above start) | memory (total peak) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for entry in step["results"]:
             for group, result in entry["groups"].items():
                 for name, ratio in result.get("ratios", {}).items():
-                    lines.append(f"| {entry['seq_len']} | {group} | {name} | {ratio['time']:.3f} | {ratio['memory']:.3f} | {_fmt(ratio.get('memory_total'), '.3f')} |")
+                    lines.append(
+                        f"| {entry['seq_len']} | {group} | {name} | {ratio['time']:.3f} | "
+                        f"{ratio['memory']:.3f} | {_fmt(ratio.get('memory_total'), '.3f')} |"
+                    )
         lines += ["", "| T | largest batch found per arm |", "| --- | --- |"]
         for entry in step["results"]:
-            lines.append(f"| {entry['seq_len']} | " + ", ".join(f"{n} {r.get('max_batch_size', '-')}" for n, r in entry["batch_search"].items()) + " |")
+            lines.append(
+                f"| {entry['seq_len']} | "
+                + ", ".join(f"{n} {r.get('max_batch_size', '-')}" for n, r in entry["batch_search"].items())
+                + " |"
+            )
         for entry in step["results"]:
             if entry.get("mfu_limits"):
                 lines.append(f"\nT={entry['seq_len']}: {entry['mfu_limits']}")
     generate = report.get("parts", {}).get("generate", {})
     if generate.get("runs"):
-        lines += ["", "## Generation", "", "| batch | adapters | questions | seconds | answer tokens/s | speedup vs batch 1 | same answers |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Generation",
+            "",
+            "| batch | adapters | questions | seconds | answer tokens/s | speedup vs batch 1 | same answers |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for run in generate["runs"]:
-            lines.append(f"| {run['batch_size']} | {'merged' if run['merged'] else 'attached'} | {run.get('questions', '-')} | "
-                         f"{_fmt(run.get('seconds'), '.2f')} | {_fmt(run.get('answer_tokens_per_s'), '.1f')} | "
-                         f"{_fmt(run.get('speedup_vs_batch1'), '.2f')} | {_fmt(run.get('same_answers_as_batch1'))} |")
+            lines.append(
+                f"| {run['batch_size']} | {'merged' if run['merged'] else 'attached'} | {run.get('questions', '-')} | "
+                f"{_fmt(run.get('seconds'), '.2f')} | {_fmt(run.get('answer_tokens_per_s'), '.1f')} | "
+                f"{_fmt(run.get('speedup_vs_batch1'), '.2f')} | {_fmt(run.get('same_answers_as_batch1'))} |"
+            )
     e2e = report.get("parts", {}).get("end_to_end", {})
     if e2e.get("train"):
-        lines += ["", "## End to end", "", "| script | exit | seconds | note |", "| --- | --- | --- | --- |",
-                  f"| train_dp_lora.py ({e2e.get('max_steps')} steps) | {e2e['train']['rc']} | {e2e['train']['wall_s']:.1f} | "
-                  f"epsilon {_fmt(e2e['train'].get('epsilon'), '.4g')} ({e2e['train'].get('source')}) |"]
+        lines += [
+            "",
+            "## End to end",
+            "",
+            "| script | exit | seconds | note |",
+            "| --- | --- | --- | --- |",
+            f"| train_dp_lora.py ({e2e.get('max_steps')} steps) | {e2e['train']['rc']} | "
+            f"{e2e['train']['wall_s']:.1f} | "
+            f"epsilon {_fmt(e2e['train'].get('epsilon'), '.4g')} ({e2e['train'].get('source')}) |",
+        ]
         for name in ("infer", "evaluate"):
             if name in e2e:
                 note = e2e[name].get("metric_module", "") if name == "evaluate" else ""
@@ -1336,41 +1844,69 @@ def markdown(report: dict) -> str:
     if report.get("goals"):
         lines += ["", "## Goals", "", "| goal | value | target | met |", "| --- | --- | --- | --- |"]
         for name, goal in report["goals"].items():
-            lines.append(f"| {name} | {_fmt(goal['value'], '.3f')} | {goal['target']} | {_fmt(goal['met'])} |")
+            lines.append(
+                f"| {name} | {_fmt(goal['value'], '.3f')} | {goal['target']} | {_fmt(goal['met'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def summary(report: dict) -> str:
     env = report.get("environment", {}).get("found", {})
-    lines = [f"GPU check on {env.get('gpu') or env.get('device')} (torch {env.get('torch')}, transformers {env.get('transformers')}, "
-             f"opacus {env.get('opacus')}): {_fmt(report.get('wall_s'), '.0f')} s"]
+    lines = [
+        f"GPU check on {env.get('gpu') or env.get('device')} (torch {env.get('torch')}, transformers "
+        f"{env.get('transformers')}, "
+        f"opacus {env.get('opacus')}): {_fmt(report.get('wall_s'), '.0f')} s"
+    ]
     for name, part in report.get("parts", {}).items():
         lines.append(f"  {name:<12} {part.get('status', '?')} ({_fmt(part.get('wall_s'), '.0f')} s)")
     for name, check in report.get("parts", {}).get("correctness", {}).get("checks", {}).items():
-        lines.append(f"    {name:<30} {'passed' if check.get('passed') else check.get('status', 'FAILED') if check.get('passed') is None else 'FAILED'}")
+        verdict = "passed" if check.get("passed") else "FAILED"
+        if check.get("passed") is None:
+            verdict = check.get("status", "FAILED")
+        lines.append(f"    {name:<30} {verdict}")
     step = report.get("parts", {}).get("step", {})
     for entry in step.get("results", []):
         for group, result in entry["groups"].items():
             arms = result.get("arms", {})
             if arms:
-                lines.append(f"    T={entry['seq_len']} {group} B={result['batch_size']}: " + ", ".join(
-                    f"{n} {a['median_s'] * 1e3:.0f} ms/{a.get('mfu', 0):.0%}" for n, a in arms.items()))
+                lines.append(
+                    f"    T={entry['seq_len']} {group} B={result['batch_size']}: "
+                    + ", ".join(
+                        f"{n} {a['median_s'] * 1e3:.0f} ms/{a.get('mfu', 0):.0%}" for n, a in arms.items()
+                    )
+                )
     for run in report.get("parts", {}).get("generate", {}).get("runs", []):
         if "answer_tokens_per_s" in run:
-            lines.append(f"    generate batch {run['batch_size']:>3} {'merged  ' if run['merged'] else 'attached'}: {run['answer_tokens_per_s']:.1f} answer tok/s")
+            lines.append(
+                f"    generate batch {run['batch_size']:>3} {'merged  ' if run['merged'] else 'attached'}: "
+                f"{run['answer_tokens_per_s']:.1f} answer tok/s"
+            )
     e2e = report.get("parts", {}).get("end_to_end", {})
     if e2e.get("train"):
-        lines.append(f"    train {e2e['train']['wall_s']:.0f} s (epsilon {_fmt(e2e['train'].get('epsilon'), '.4g')}), "
-                     + ", ".join(f"{n} {e2e[n]['wall_s']:.0f} s (exit {e2e[n]['rc']})" for n in ("infer", "evaluate") if n in e2e))
+        lines.append(
+            f"    train {e2e['train']['wall_s']:.0f} s (epsilon {_fmt(e2e['train'].get('epsilon'), '.4g')}), "
+            + ", ".join(
+                f"{n} {e2e[n]['wall_s']:.0f} s (exit {e2e[n]['rc']})"
+                for n in ("infer", "evaluate")
+                if n in e2e
+            )
+        )
     for name, goal in report.get("goals", {}).items():
-        lines.append(f"  goal {name:<38} {_fmt(goal['value'], '.3f'):>8} {goal['target']:<9} {_fmt(goal['met'])}")
+        lines.append(
+            f"  goal {name:<38} {_fmt(goal['value'], '.3f'):>8} {goal['target']:<9} {_fmt(goal['met'])}"
+        )
     lines.append(f"  written: {report.get('files')}")
     return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
 
-PART_FUNCTIONS = {"correctness": part_correctness, "step": part_step, "generate": part_generate, "end_to_end": part_end_to_end}
+PART_FUNCTIONS = {
+    "correctness": part_correctness,
+    "step": part_step,
+    "generate": part_generate,
+    "end_to_end": part_end_to_end,
+}
 
 
 def main(args) -> dict:
@@ -1381,8 +1917,13 @@ def main(args) -> dict:
     output = Path(c.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     files = [str(output / JSON_NAME), str(output / MARKDOWN_NAME)]
-    report = {"command": " ".join(["python"] + sys.argv), "args": cli.to_dict(args), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "files": files, "parts": {}}
+    report = {
+        "command": " ".join(["python"] + sys.argv),
+        "args": cli.to_dict(args),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "files": files,
+        "parts": {},
+    }
 
     def write():
         report["wall_s"] = time.perf_counter() - started
@@ -1420,8 +1961,12 @@ def run_parts(args, report: dict, write, started: float) -> None:
         report["model_shape"] = ctx.shape.as_dict()
         report["setup"] = ctx.setup()
         write()
-        print(f"setup: model saved in {report['setup']['model_saved_s']:.1f} s ({report['setup']['parameters']['total']:,} parameters, "
-              f"{ctx.device}, {report['setup']['dtype']})", flush=True)
+        print(
+            f"setup: model saved in {report['setup']['model_saved_s']:.1f} s "
+            f"({report['setup']['parameters']['total']:,} parameters, "
+            f"{ctx.device}, {report['setup']['dtype']})",
+            flush=True,
+        )
         for name in PARTS:
             if name not in c.parts:
                 continue
@@ -1485,8 +2030,4 @@ def quiet():
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (cli.ArgumentErrors, CheckError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run_main(main, parse_args))

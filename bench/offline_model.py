@@ -42,15 +42,34 @@ class ModelShape:
         return asdict(self)
 
 
-VAULTGEMMA_1B = ModelShape(vocab_size=256000, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
-                           max_position_embeddings=1024)
-TINY = ModelShape(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, sliding_window=64, max_position_embeddings=512)
+VAULTGEMMA_1B = ModelShape(
+    vocab_size=256000,
+    hidden_size=1152,
+    intermediate_size=6912,
+    num_hidden_layers=26,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    sliding_window=512,
+    max_position_embeddings=1024,
+)
+TINY = ModelShape(
+    vocab_size=600,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    sliding_window=64,
+    max_position_embeddings=512,
+)
 
 
 def bundled_cards() -> list[dict]:
-    return [json.loads(line) for line in BUNDLED_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in BUNDLED_FILE.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def build_gemma_style_tokenizer(texts: list[str], vocab_size: int = 2000, pad_to_size: int | None = None):
@@ -63,7 +82,9 @@ def build_gemma_style_tokenizer(texts: list[str], vocab_size: int = 2000, pad_to
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     bpe.normalizer = normalizers.Replace(" ", "\u2581")
     bpe.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_pieces))
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_pieces)
+    )
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     vocab = bpe.get_vocab()
     if pad_to_size is not None and pad_to_size > len(vocab):
@@ -77,13 +98,24 @@ def build_gemma_style_tokenizer(texts: list[str], vocab_size: int = 2000, pad_to
 def vaultgemma_config(shape: ModelShape):
     from transformers import VaultGemmaConfig
 
-    layer_types = ["sliding_attention", "full_attention"] * (shape.num_hidden_layers // 2) + ["sliding_attention"] * (shape.num_hidden_layers % 2)
+    layer_types = ["sliding_attention", "full_attention"] * (shape.num_hidden_layers // 2) + [
+        "sliding_attention"
+    ] * (shape.num_hidden_layers % 2)
     config = VaultGemmaConfig(
-        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim, query_pre_attn_scalar=shape.head_dim,
-        sliding_window=shape.sliding_window, max_position_embeddings=shape.max_position_embeddings, layer_types=layer_types,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        query_pre_attn_scalar=shape.head_dim,
+        sliding_window=shape.sliding_window,
+        max_position_embeddings=shape.max_position_embeddings,
+        layer_types=layer_types,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     config._attn_implementation = "eager"
     return config

@@ -18,9 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: needs the real embedded Gemma 3 270M or minutes of CPU; run with -m slow")
-    config.addinivalue_line("markers", "numerics: the result depends on floating-point kernels or seeded statistics; "
-                                       "CI reruns `pytest -m numerics` under other OMP_NUM_THREADS")
+    config.addinivalue_line(
+        "markers", "slow: needs the real embedded Gemma 3 270M or minutes of CPU; run with -m slow"
+    )
+    config.addinivalue_line(
+        "markers",
+        "numerics: the result depends on floating-point kernels or seeded statistics; "
+        "CI reruns `pytest -m numerics` under other OMP_NUM_THREADS",
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -64,8 +69,10 @@ def assert_close_scaled(actual, expected, budget_ulps: float, *, eps: float, why
     why: the error budget in words (where honest code can differ, by how much); shown on failure.
     """
     error = scaled_error(actual, expected, eps)
-    assert error <= budget_ulps, (f"difference {error:.3g} ulps (eps {eps:.3g}) of max|expected| exceeds the budget of "
-                                  f"{budget_ulps} ulps: {why}")
+    assert error <= budget_ulps, (
+        f"difference {error:.3g} ulps (eps {eps:.3g}) of max|expected| exceeds the budget of "
+        f"{budget_ulps} ulps: {why}"
+    )
     return error
 
 
@@ -83,7 +90,9 @@ def build_gemma_style_tokenizer(texts: list[str], vocab_size: int = 2000):
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
     bpe.normalizer = normalizers.Replace(" ", "\u2581")
     bpe.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_pieces))
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_pieces)
+    )
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     tokenizer = GemmaTokenizer(vocab=bpe.get_vocab(), merges=merges, add_bos_token=True)
     tokenizer.padding_side = "right"
@@ -95,9 +104,20 @@ def build_tiny_vaultgemma(vocab_size: int, seed: int = 0, **overrides):
     from transformers import VaultGemmaConfig, VaultGemmaForCausalLM
 
     settings = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512, sliding_window=128,
-        layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        max_position_embeddings=512,
+        sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
     settings.update(overrides)
     torch.manual_seed(seed)
@@ -136,8 +156,22 @@ def small_cards_file(tmp_path) -> str:
     return write_cards(tmp_path / "cards.jsonl", bundled_cards()[:60])
 
 
-TINY_RUN = ["--logical_batch_size", "8", "--per_device_train_batch_size", "8", "--eval_steps", "0", "--report_to", "none",
-            "--epsilon", "3", "--max_steps", "2", "--save_steps", "1"]
+TINY_RUN = [
+    "--logical_batch_size",
+    "8",
+    "--per_device_train_batch_size",
+    "8",
+    "--eval_steps",
+    "0",
+    "--report_to",
+    "none",
+    "--epsilon",
+    "3",
+    "--max_steps",
+    "2",
+    "--save_steps",
+    "1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -157,8 +191,20 @@ def train_run(tiny_model_dir, tmp_path_factory):
             root = tmp_path_factory.mktemp("run")
             source = dataset or write_cards(root / "cards.jsonl", bundled_cards()[:60])
             out = root / "out"
-            train_dp_lora.main(train_dp_lora.parse_args(
-                ["--model", tiny_model_dir, "--dataset", source, "--output_dir", str(out), *TINY_RUN, *overrides]))
+            train_dp_lora.main(
+                train_dp_lora.parse_args(
+                    [
+                        "--model",
+                        tiny_model_dir,
+                        "--dataset",
+                        source,
+                        "--output_dir",
+                        str(out),
+                        *TINY_RUN,
+                        *overrides,
+                    ]
+                )
+            )
             cache[key] = out
         return cache[key]
 

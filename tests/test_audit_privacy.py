@@ -21,11 +21,42 @@ import audit_privacy
 from conftest import bundled_cards, build_tiny_vaultgemma, write_cards
 
 NUM_CANARIES, REAL_ROWS = 96, 10
-FAST_AUDIT = ["--num_canaries", str(NUM_CANARIES), "--secret_length", "6", "--exposure_alternatives", "20", "--canary_repeats", "3",
-              "--num_repeated_canaries", "1", "--num_real_rows", str(REAL_ROWS), "--seed", "0"]
-FAST_TRAIN = ["--logical_batch_size", "8", "--per_device_train_batch_size", "16",
-              "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--warmup_ratio", "0", "--eval_steps", "0",
-              "--save_steps", "0", "--report_to", "none"]
+FAST_AUDIT = [
+    "--num_canaries",
+    str(NUM_CANARIES),
+    "--secret_length",
+    "6",
+    "--exposure_alternatives",
+    "20",
+    "--canary_repeats",
+    "3",
+    "--num_repeated_canaries",
+    "1",
+    "--num_real_rows",
+    str(REAL_ROWS),
+    "--seed",
+    "0",
+]
+FAST_TRAIN = [
+    "--logical_batch_size",
+    "8",
+    "--per_device_train_batch_size",
+    "16",
+    "--lora_r",
+    "16",
+    "--lora_alpha",
+    "32",
+    "--lora_dropout",
+    "0",
+    "--warmup_ratio",
+    "0",
+    "--eval_steps",
+    "0",
+    "--save_steps",
+    "0",
+    "--report_to",
+    "none",
+]
 
 
 # -----------------------------------------------------------------------------
@@ -38,7 +69,9 @@ def test_p_value_at_epsilon_zero_is_a_fair_coin_tail():
     # the same scipy tail evaluated twice: equal to fp64 rounding (approx's rel 1e-6 is spare); v - 1 vs v is 2x off
     assert audit_privacy.audit_p_value(0.0, 0.0, m=100, r=40, v=28) == pytest.approx(binom.sf(27, 40, 0.5))
     # delta only ever adds to the p-value
-    assert audit_privacy.audit_p_value(1.0, 1e-3, 100, 40, 30) > audit_privacy.audit_p_value(1.0, 0.0, 100, 40, 30)
+    assert audit_privacy.audit_p_value(1.0, 1e-3, 100, 40, 30) > audit_privacy.audit_p_value(
+        1.0, 0.0, 100, 40, 30
+    )
 
 
 def test_all_guesses_correct_gives_the_closed_form_bound():
@@ -49,7 +82,9 @@ def test_all_guesses_correct_gives_the_closed_form_bound():
     # 60 bisection halvings of a root of a smooth monotone p-value: observed 4e-16 from the closed form; abs 1e-6 spare
     assert bound == pytest.approx(math.log(p / (1 - p)), abs=1e-6)
     assert audit_privacy.epsilon_lower_bound(60, r, r, 1e-5, level) <= bound
-    assert audit_privacy.epsilon_lower_bound(60, r, r // 2, 0.0, level) == 0.0  # chance-level guessing proves nothing
+    assert (
+        audit_privacy.epsilon_lower_bound(60, r, r // 2, 0.0, level) == 0.0
+    )  # chance-level guessing proves nothing
 
 
 def randomized_response_scores(m, epsilon, rng):
@@ -70,8 +105,12 @@ def test_bound_rarely_exceeds_the_true_epsilon_of_randomized_response():
     from scipy.stats import binom
 
     rng, runs = np.random.default_rng(0), 80  # an exact seeded draw (PCG64): the same scores on every CPU
-    bounds = [audit_privacy.one_run_bound(*randomized_response_scores(1000, 1.0, rng), 0.0, 0.95, [0.1, 0.5, 1.0])["epsilon_lower_bound"]
-              for _ in range(runs)]
+    bounds = [
+        audit_privacy.one_run_bound(*randomized_response_scores(1000, 1.0, rng), 0.0, 0.95, [0.1, 0.5, 1.0])[
+            "epsilon_lower_bound"
+        ]
+        for _ in range(runs)
+    ]
     assert sum(b > 1.0 for b in bounds) <= binom.isf(1e-6, runs, 0.05)
     # and it is not vacuous: the median of 40 runs is 0.81-0.87 over seeds 0-39 (sd 0.014), 20 sd above 0.5 (here 0.85)
     assert np.median(bounds) > 0.5
@@ -82,12 +121,16 @@ def test_roc_summary_and_exposure_on_known_cases():
     perfect = audit_privacy.roc_summary(np.where(included, -1.0, 1.0) + np.arange(10) * 1e-3, included)
     assert perfect == {"auc": 1.0, "tpr_at_fpr_0.01": 1.0, "tpr_at_fpr_0.1": 1.0}
     assert audit_privacy.roc_summary(np.where(included, 1.0, -1.0), included)["auc"] == 0.0
-    assert audit_privacy.exposure(0.1, [0.5] * 99) == pytest.approx(math.log2(100))  # rank 1 of 100 (fp64 log2: ~1 ulp)
+    assert audit_privacy.exposure(0.1, [0.5] * 99) == pytest.approx(
+        math.log2(100)
+    )  # rank 1 of 100 (fp64 log2: ~1 ulp)
     assert audit_privacy.exposure(0.6, [0.5] * 99) == 0.0  # every alternative is at least as likely
 
 
 def test_bad_audit_arguments_are_all_reported(capsys):
-    code = audit_privacy.cli_main(["--canary_repeats", "1", "--confidence", "1.5", "--num_canaries", "2", "--", "--epsilon", "0"])
+    code = audit_privacy.cli_main(
+        ["--canary_repeats", "1", "--confidence", "1.5", "--num_canaries", "2", "--", "--epsilon", "0"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     for fragment in ["--canary_repeats", "--confidence", "--num_canaries"]:
@@ -110,8 +153,20 @@ def audit_setup(tiny_tokenizer, tmp_path_factory):
 def run_audit(setup, name, *train_flags):
     root, model_dir, cards = setup
     out = root / name
-    args = audit_privacy.parse_args(["--output_dir", str(out), *FAST_AUDIT, "--", "--model", model_dir, "--dataset", cards,
-                                     *FAST_TRAIN, *train_flags])
+    args = audit_privacy.parse_args(
+        [
+            "--output_dir",
+            str(out),
+            *FAST_AUDIT,
+            "--",
+            "--model",
+            model_dir,
+            "--dataset",
+            cards,
+            *FAST_TRAIN,
+            *train_flags,
+        ]
+    )
     return out, audit_privacy.main(args)
 
 
@@ -121,7 +176,9 @@ def read_jsonl(path):
 
 @pytest.mark.numerics
 def test_audit_without_dp_finds_a_large_lower_bound(audit_setup, capsys):
-    out, result = run_audit(audit_setup, "no_dp", "--disable_dp", "--num_train_epochs", "30", "--learning_rate", "0.01")
+    out, result = run_audit(
+        audit_setup, "no_dp", "--disable_dp", "--num_train_epochs", "30", "--learning_rate", "0.01"
+    )
     assert result["reported_epsilon"] is None and not result["dp_enabled"]
     # Design runs (audit seeds 0-12 with training seeds 100-112, 1 thread; this test's seeds 0/42: 2.41, AUC 1.0): bound
     # 2.41-3.13, AUC 0.994-1.0, exposure inserted once 4.38-4.39 bits vs never inserted 0.81-1.75 (max measurable 4.39);
@@ -134,15 +191,24 @@ def test_audit_without_dp_finds_a_large_lower_bound(audit_setup, capsys):
     assert exposure["repeated"][0]["exposure"] > exposure["mean_not_included"]
     # files: the canaries (all of them, with secrets and inclusion) and the data that was trained on
     canaries = read_jsonl(out / "canaries.jsonl")
-    assert len(canaries) == NUM_CANARIES + 1 and {"secret", "included", "score", "exposure"} <= set(canaries[0])
+    assert len(canaries) == NUM_CANARIES + 1 and {"secret", "included", "score", "exposure"} <= set(
+        canaries[0]
+    )
     real_questions = {c["input"] for c in bundled_cards()}
-    assert not any(c["question"] in real_questions for c in canaries)  # disjoint from the real rows, inserted or not
+    assert not any(
+        c["question"] in real_questions for c in canaries
+    )  # disjoint from the real rows, inserted or not
     trained = read_jsonl(out / "audit_data.jsonl")
     inserted = sum(c["copies"] for c in canaries if c["included"])
-    assert len(trained) == REAL_ROWS + inserted and result["canaries"]["inserted"] == sum(c["included"] for c in canaries[:NUM_CANARIES])
+    assert len(trained) == REAL_ROWS + inserted and result["canaries"]["inserted"] == sum(
+        c["included"] for c in canaries[:NUM_CANARIES]
+    )
     summary = json.loads((out / "train" / "private_run_record" / "data_summary.json").read_text())
     assert summary["n_train"] == len(trained) and summary["n_validation"] == summary["n_test"] == 0
-    assert json.loads((out / "audit_report.json").read_text())["epsilon_lower_bound"] == result["epsilon_lower_bound"]
+    assert (
+        json.loads((out / "audit_report.json").read_text())["epsilon_lower_bound"]
+        == result["epsilon_lower_bound"]
+    )
     assert "epsilon lower bound" in capsys.readouterr().out
 
 
@@ -162,6 +228,12 @@ def test_help_shows_every_audit_default_and_points_to_training_flags(capsys):
         audit_privacy.parse_args(["--help"])
     text = capsys.readouterr().out
     assert exit_info.value.code == 0 and "Training flags follow `--`" in text
-    for flag in ["--num_canaries", "--canary_repeats", "--confidence", "--guess_fractions", "--exposure_alternatives"]:
+    for flag in [
+        "--num_canaries",
+        "--canary_repeats",
+        "--confidence",
+        "--guess_fractions",
+        "--exposure_alternatives",
+    ]:
         assert flag in text
     assert "(default: 64)" in text and "(default: 0.95)" in text

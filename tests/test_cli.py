@@ -60,16 +60,24 @@ def option_blocks(text: str) -> dict[str, str]:
 
 # --- build_parser / --help ------------------------------------------------------------------------------------
 
+
 def test_help_shows_every_fields_default_including_none_and_lists(capsys):
     blocks = option_blocks(help_text(capsys))
-    expected = {"name": "x", "count": "3", "flag": "False", "keep": "True", "sizes": "[1, 2]", "limit": "None",
-                "mode": "fast", "tags": "[]", "config": "None"}
+    expected = {
+        "name": "x",
+        "count": "3",
+        "flag": "False",
+        "keep": "True",
+        "sizes": "[1, 2]",
+        "limit": "None",
+        "mode": "fast",
+        "tags": "[]",
+        "config": "None",
+    }
     for name, default in expected.items():
         assert f"(default: {default})" in blocks[name], (name, blocks[name])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a field without metadata help gets help=' '; argparse (3.11+) prints no help "
-                                       "text at all for whitespace-only help, so its '(default: ...)' is dropped")
 def test_help_shows_the_default_of_a_field_without_help(capsys):
     assert "(default: 0.5)" in option_blocks(help_text(capsys))["rate"]
 
@@ -77,8 +85,12 @@ def test_help_shows_the_default_of_a_field_without_help(capsys):
 def test_help_has_one_argument_group_per_dataclass_titled_by_its_key(capsys):
     text = help_text(capsys)
     assert "\nalpha:\n" in text and "\nBeta Group:\n" in text
-    assert (text.index("\nalpha:\n") < text.index("\n  --name") < text.index("\nBeta Group:\n")
-            < text.index("\n  --rate"))
+    assert (
+        text.index("\nalpha:\n")
+        < text.index("\n  --name")
+        < text.index("\nBeta Group:\n")
+        < text.index("\n  --rate")
+    )
 
 
 def test_help_lists_choices_and_marks_bools_and_lists(capsys):
@@ -98,6 +110,7 @@ def test_config_flag_is_left_out_when_asked(capsys):
 
 # --- parsing ------------------------------------------------------------------------------------------------
 
+
 def test_no_flags_gives_the_dataclass_defaults():
     args = parse([])
     assert args.alpha == Alpha() and args.beta_group == Beta() and args.config is None
@@ -113,7 +126,15 @@ def test_bare_bool_flag_turns_on_and_flag_false_turns_off():
     assert parse(["--flag", "--count", "4"]).alpha.flag is True  # a following option is not its value
     assert parse(["--keep", "false"]).alpha.keep is False
     assert parse(["--flag", "false"]).alpha.flag is False
-    for text, value in [("1", True), ("yes", True), ("ON", True), ("True", True), ("0", False), ("no", False), ("off", False)]:
+    for text, value in [
+        ("1", True),
+        ("yes", True),
+        ("ON", True),
+        ("True", True),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+    ]:
         assert parse(["--flag", text]).alpha.flag is value, text
 
 
@@ -148,7 +169,9 @@ def test_values_are_converted_to_the_annotated_type():
     assert args.beta_group.rate == 1e-3 and args.alpha.name == "y"
 
 
-@pytest.mark.parametrize("argv", [["--mode", "medium"], ["--tags", "z"], ["--count", "three"], ["--nonexistent", "1"]])
+@pytest.mark.parametrize(
+    "argv", [["--mode", "medium"], ["--tags", "z"], ["--count", "three"], ["--nonexistent", "1"]]
+)
 def test_bad_value_or_unknown_flag_is_an_argparse_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse(argv)
@@ -164,6 +187,7 @@ def test_string_annotations_are_understood():
 
 
 # --- YAML --config ----------------------------------------------------------------------------------------------
+
 
 def write_yaml(tmp_path, text: str) -> str:
     path = tmp_path / "config.yaml"
@@ -199,12 +223,23 @@ def test_empty_yaml_config_changes_nothing(tmp_path):
 
 # --- to_dict ------------------------------------------------------------------------------------------------
 
+
 def test_to_dict_gives_one_plain_json_able_dict_per_group_plus_config():
     args = parse(["--sizes", "3", "--limit", "1.5"])
     out = cli.to_dict(args)
-    assert out == {"config": None,
-                   "alpha": {"name": "x", "count": 3, "flag": False, "keep": True, "sizes": [3], "limit": 1.5, "mode": "fast"},
-                   "beta_group": {"rate": 0.5, "tags": []}}
+    assert out == {
+        "config": None,
+        "alpha": {
+            "name": "x",
+            "count": 3,
+            "flag": False,
+            "keep": True,
+            "sizes": [3],
+            "limit": 1.5,
+            "mode": "fast",
+        },
+        "beta_group": {"rate": 0.5, "tags": []},
+    }
     assert json.loads(json.dumps(out)) == out
 
 
@@ -215,6 +250,7 @@ def test_to_dict_copies_so_editing_it_leaves_the_arguments_alone():
 
 
 # --- errors and run_main ----------------------------------------------------------------------------------------
+
 
 def test_argument_errors_join_every_problem_on_one_line_and_are_user_errors():
     error = cli.ArgumentErrors(["--a must be > 0", "--b must be < 1", "set --c"])
@@ -231,6 +267,7 @@ class CustomUserError(cli.UserError):
 def raising(exception):
     def main(_args):
         raise exception
+
     return main
 
 
@@ -240,7 +277,9 @@ def test_run_main_returns_0_and_passes_the_parsed_arguments_to_main():
     assert seen == [("parsed", ["--x"])]
 
 
-@pytest.mark.parametrize("error", [CustomUserError("the file is missing"), cli.UserError("the file is missing")])
+@pytest.mark.parametrize(
+    "error", [CustomUserError("the file is missing"), cli.UserError("the file is missing")]
+)
 def test_run_main_turns_a_user_error_into_exit_2_and_one_error_line(error, capsys):
     assert cli.run_main(raising(error), lambda argv: None, []) == 2
     captured = capsys.readouterr()
@@ -265,8 +304,10 @@ def test_run_main_returns_130_on_keyboard_interrupt(capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("error", [RuntimeError("a bug"), FileNotFoundError("no such file"), ValueError("plain ValueError"),
-                                   KeyError("k")])
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("a bug"), FileNotFoundError("no such file"), ValueError("plain ValueError"), KeyError("k")],
+)
 def test_run_main_lets_any_other_exception_propagate_with_its_traceback(error, capsys):
     with pytest.raises(type(error)) as raised:
         cli.run_main(raising(error), lambda argv: None, [])
@@ -274,24 +315,19 @@ def test_run_main_lets_any_other_exception_propagate_with_its_traceback(error, c
     assert "error:" not in capsys.readouterr().err
 
 
-# --- known problems with --config, kept as strict xfails so a fix shows up --------------------------------------
+# --- a bad --config is a usage error, never a traceback ----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="BUG: a YAML config that is a scalar (not a mapping) crashes with TypeError in set(overrides)")
+
 def test_yaml_config_that_is_not_a_mapping_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit):
         parse(["--config", write_yaml(tmp_path, "42\n")])
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="BUG: a missing --config file is a FileNotFoundError traceback, not a one-line usage error")
 def test_missing_config_file_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit):
         parse(["--config", str(tmp_path / "missing.yaml")])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: YAML values bypass the field's type: only strings go through argparse's "
-                                       "type conversion, so `count: 1.5` lands in an int field unchecked")
 def test_yaml_value_of_the_wrong_type_is_rejected(tmp_path):
     config = write_yaml(tmp_path, "count: 1.5\n")
     try:

@@ -13,7 +13,10 @@ from utils.prompt import IGNORE_INDEX, build_prompt, clean_answer, encode_exampl
 def test_bundled_sample_has_at_least_400_distinct_complete_flashcards():
     cards = bundled_cards()
     assert len(cards) >= 400
-    assert all(set(c) == {"instruction", "input", "output"} and c["input"].strip() and c["output"].strip() for c in cards)
+    assert all(
+        set(c) == {"instruction", "input", "output"} and c["input"].strip() and c["output"].strip()
+        for c in cards
+    )
     clean, stats = data.clean_rows(data.read_rows(data.BUNDLED_DATASET))
     assert len(clean) == len(cards) and stats["duplicates_dropped"] == 0 and stats["skipped_empty"] == 0
 
@@ -62,7 +65,9 @@ def test_wrong_columns_stop_with_one_line_error(tmp_path):
 
 def test_non_utf8_file_stops_with_one_line_error(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(json.dumps({"input": "Fieber über 38 °C?", "output": "Ja."}, ensure_ascii=False).encode("latin-1"))
+    path.write_bytes(
+        json.dumps({"input": "Fieber über 38 °C?", "output": "Ja."}, ensure_ascii=False).encode("latin-1")
+    )
     with pytest.raises(data.DataError, match="not UTF-8") as error:
         data.read_rows(str(path))
     assert "\n" not in str(error.value)
@@ -83,8 +88,12 @@ def test_split_is_deterministic_disjoint_complete_and_near_its_fractions():
     spec = data.SplitSpec(seed=7, validation_fraction=0.1, test_fraction=0.2)
     first = data.split_cards(cards, spec)
     assert first == data.split_cards(cards, spec)
-    assert first != data.split_cards(cards, data.SplitSpec(seed=8, validation_fraction=0.1, test_fraction=0.2))
-    assert sorted(first["test"] + first["validation"] + first["train"] + first["unsampled"]) == list(range(len(cards)))
+    assert first != data.split_cards(
+        cards, data.SplitSpec(seed=8, validation_fraction=0.1, test_fraction=0.2)
+    )
+    assert sorted(first["test"] + first["validation"] + first["train"] + first["unsampled"]) == list(
+        range(len(cards))
+    )
     assert first["unsampled"] == []
     # each row is an independent keyed-hash coin: counts are Binomial(n, p). The bound is 5 standard
     # deviations (false failure < 1e-6 for any honest hash); a hash that ignored the fraction misses by ~n p.
@@ -98,7 +107,9 @@ SPLIT_FLAGS = {
     "validation_fraction": dict(seed=0, validation_fraction=0.3, test_fraction=0.05),
     "test_fraction": dict(seed=0, validation_fraction=0.05, test_fraction=0.4),
     "no_held_out": dict(seed=0, validation_fraction=0.0, test_fraction=0.0),
-    "train_sample_fraction": dict(seed=0, validation_fraction=0.05, test_fraction=0.05, train_sample_fraction=0.5),
+    "train_sample_fraction": dict(
+        seed=0, validation_fraction=0.05, test_fraction=0.05, train_sample_fraction=0.5
+    ),
     "split_seed": dict(seed=123, validation_fraction=0.1, test_fraction=0.1),
 }
 
@@ -113,15 +124,23 @@ def test_adding_or_removing_one_source_row_changes_the_training_set_by_at_most_t
     spec = data.SplitSpec(**SPLIT_FLAGS[flags])
     rows = bundled_cards()[:120]
     original = training_set(write_cards(tmp_path / "d.jsonl", rows), spec)
-    new_row = {"instruction": "Answer this question truthfully", "input": "What does the tricuspid valve separate?",
-               "output": "The right atrium from the right ventricle."}
+    new_row = {
+        "instruction": "Answer this question truthfully",
+        "input": "What does the tricuspid valve separate?",
+        "output": "The right atrium from the right ventricle.",
+    }
     for position in (0, 37, 119):
         removed = rows[position]
-        without = training_set(write_cards(tmp_path / "d.jsonl", rows[:position] + rows[position + 1:]), spec)
+        without = training_set(
+            write_cards(tmp_path / "d.jsonl", rows[:position] + rows[position + 1 :]), spec
+        )
         assert original - without <= {data.row_hash(removed)} and without <= original, (flags, position)
-        with_new = training_set(write_cards(tmp_path / "d.jsonl", rows[:position] + [new_row] + rows[position:]), spec)
+        with_new = training_set(
+            write_cards(tmp_path / "d.jsonl", rows[:position] + [new_row] + rows[position:]), spec
+        )
         assert with_new - original <= {data.row_hash(new_row)} and original <= with_new, (flags, position)
-    # the old positional split (a seeded permutation of row indices) fails this by tens of rows: the property is not vacuous
+    # the old positional split (a seeded permutation of row indices) fails this by tens of rows: the property
+    # is not vacuous
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     order_without = torch.randperm(len(rows) - 1, generator=torch.Generator().manual_seed(0)).tolist()
     positional = {data.row_hash(rows[i]) for i in order[12:]}
@@ -149,7 +168,10 @@ def test_labels_mask_the_prompt_and_end_with_eos(tiny_tokenizer):
 
 
 def test_collate_pads_right_with_pad_not_eos_and_keeps_the_prompt_mask(tiny_tokenizer):
-    examples = [encode_example(tiny_tokenizer, "Q?", "A short one."), encode_example(tiny_tokenizer, "A longer question here?", "A longer answer here.")]
+    examples = [
+        encode_example(tiny_tokenizer, "Q?", "A short one."),
+        encode_example(tiny_tokenizer, "A longer question here?", "A longer answer here."),
+    ]
     pad = tiny_tokenizer.pad_token_id
     assert pad != tiny_tokenizer.eos_token_id and tiny_tokenizer.padding_side == "right"
     batch = data.collate(examples, pad)
@@ -161,7 +183,10 @@ def test_collate_pads_right_with_pad_not_eos_and_keeps_the_prompt_mask(tiny_toke
 
 
 def test_overlong_cards_are_skipped_not_truncated(tiny_tokenizer):
-    cards = [{"instruction": "i", "input": "Q?", "output": "A."}, {"instruction": "i", "input": "Q?", "output": "word " * 200}]
+    cards = [
+        {"instruction": "i", "input": "Q?", "output": "A."},
+        {"instruction": "i", "input": "Q?", "output": "word " * 200},
+    ]
     examples, too_long = data.tokenize_cards(tiny_tokenizer, cards, max_seq_length=64)
     assert too_long == 1 and len(examples) == 1 and examples[0]["labels"][-1] == tiny_tokenizer.eos_token_id
 
@@ -173,4 +198,13 @@ def test_clean_answer_cuts_a_new_question_and_the_prompt_is_the_template():
 
 def test_row_hash_depends_on_every_column():
     card = {"instruction": "i", "input": "q", "output": "a"}
-    assert len({data.row_hash(card), data.row_hash(dict(card, instruction="j")), data.row_hash(dict(card, output="b"))}) == 3
+    assert (
+        len(
+            {
+                data.row_hash(card),
+                data.row_hash(dict(card, instruction="j")),
+                data.row_hash(dict(card, output="b")),
+            }
+        )
+        == 3
+    )

@@ -20,8 +20,26 @@ from utils import distributed, privacy
 from utils.privacy import PoissonSampler
 
 REPO = Path(__file__).resolve().parent.parent
-RUN = ["--dataset", "bundled", "--logical_batch_size", "16", "--per_device_train_batch_size", "8", "--eval_steps", "0",
-       "--report_to", "none", "--epsilon", "3", "--lora_dropout", "0", "--max_steps", "4", "--save_steps", "2"]
+RUN = [
+    "--dataset",
+    "bundled",
+    "--logical_batch_size",
+    "16",
+    "--per_device_train_batch_size",
+    "8",
+    "--eval_steps",
+    "0",
+    "--report_to",
+    "none",
+    "--epsilon",
+    "3",
+    "--lora_dropout",
+    "0",
+    "--max_steps",
+    "4",
+    "--save_steps",
+    "2",
+]
 
 # -- the draw and its split ------------------------------------------------------------------------------
 
@@ -33,7 +51,9 @@ def test_rank_shares_partition_every_draw(world_size):
     for step in range(20):
         drawn = sampler.draw(step)
         shares = [distributed.split_draw(drawn, lengths, r, world_size) for r in range(world_size)]
-        assert sorted(i for share in shares for i in share) == sorted(drawn)  # each drawn row on exactly one rank
+        assert sorted(i for share in shares for i in share) == sorted(
+            drawn
+        )  # each drawn row on exactly one rank
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
     assert distributed.split_draw([5, 1, 3], lengths, 0, 1) == [5, 1, 3]  # one process: the draw untouched
 
@@ -50,7 +70,9 @@ def test_global_step_takes_q_n_rows_on_average_and_each_row_with_probability_q_w
         sizes.append(len(drawn))
         included[drawn] += 1
         for world_size in rank_sizes:
-            rank_sizes[world_size].append(sum(len(distributed.split_draw(drawn, lengths, r, world_size)) for r in range(world_size)))
+            rank_sizes[world_size].append(
+                sum(len(distributed.split_draw(drawn, lengths, r, world_size)) for r in range(world_size))
+            )
     # 5 standard errors (false failure 6e-7 for a fresh draw); this seeded draw is exact (sha256-seeded torch CPU
     # generator, the same on every CPU). A sampler off by one row in 15 (q n = 15) misses by 12 standard errors.
     standard_error = (n * q * (1 - q) / steps) ** 0.5
@@ -75,7 +97,9 @@ def test_launch_that_set_up_fewer_processes_than_it_started_is_refused(monkeypat
 def test_resume_restores_each_ranks_own_rng_state_when_the_world_size_matches():
     state = {"rng": "rank0", "rng_per_rank": ["rank0", "rank1"]}
     assert distributed.rng_state_for_rank(state, 1, 2) == "rank1"
-    assert distributed.rng_state_for_rank(state, 1, 3) == "rank0"  # other W: rank 0's (dropout then differs, privacy not)
+    assert (
+        distributed.rng_state_for_rank(state, 1, 3) == "rank0"
+    )  # other W: rank 0's (dropout then differs, privacy not)
     assert distributed.rng_state_for_rank({"rng": "only"}, 0, 1) == "only"
 
 
@@ -89,16 +113,23 @@ def test_accelerate_bf16_sets_the_base_dtype_and_lora_stays_fp32(tiny_model_dir,
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("path, distributed_type, processes, machines", [
-    ("accelerate_config.yaml", "NO", 1, 1),
-    ("configs/accelerate_multi_gpu.yaml", "MULTI_GPU", 4, 1),
-    ("configs/accelerate_multi_node.yaml", "MULTI_GPU", 16, 2),
-])
+@pytest.mark.parametrize(
+    "path, distributed_type, processes, machines",
+    [
+        ("accelerate_config.yaml", "NO", 1, 1),
+        ("configs/accelerate_multi_gpu.yaml", "MULTI_GPU", 4, 1),
+        ("configs/accelerate_multi_node.yaml", "MULTI_GPU", 16, 2),
+    ],
+)
 def test_accelerate_configs_load_with_bf16(path, distributed_type, processes, machines):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(REPO / path))
-    assert (config.distributed_type.value, config.num_processes, config.num_machines) == (distributed_type, processes, machines)
+    assert (config.distributed_type.value, config.num_processes, config.num_machines) == (
+        distributed_type,
+        processes,
+        machines,
+    )
     assert config.mixed_precision == "bf16"
     if machines > 1:
         assert config.main_process_ip and config.main_process_port and config.rdzv_backend == "static"
@@ -132,21 +163,32 @@ def _collectives(rank, world_size, port, out_dir):
     # zero per-sample gradients: rank 0 holds 3 rows, rank 1 an empty share; what remains is the noise
     for secure in (False, True):
         param = torch.nn.Parameter(torch.zeros(NOISE_DIM))
-        generator = None if secure else torch.Generator().manual_seed(7)  # same seed on every rank, as in training
-        optimizer = privacy.make_dp_optimizer(torch.optim.SGD([param], lr=1.0), SIGMA, CLIP, LOGICAL, generator, secure, world_size)
-        found[f"noise_secure={secure}"] = step(optimizer, param, torch.zeros(3 if rank == 0 else 0, NOISE_DIM))
+        generator = (
+            None if secure else torch.Generator().manual_seed(7)
+        )  # same seed on every rank, as in training
+        optimizer = privacy.make_dp_optimizer(
+            torch.optim.SGD([param], lr=1.0), SIGMA, CLIP, LOGICAL, generator, secure, world_size
+        )
+        found[f"noise_secure={secure}"] = step(
+            optimizer, param, torch.zeros(3 if rank == 0 else 0, NOISE_DIM)
+        )
         found[f"class_secure={secure}"] = type(optimizer).__name__
 
     # no noise: per-example gradients of norm 3 and 0.5 on rank 0, norm 4 on rank 1, clipped to C = 1
     param = torch.nn.Parameter(torch.zeros(3))
-    optimizer = privacy.make_dp_optimizer(torch.optim.SGD([param], lr=1.0), 0.0, 1.0, 4, world_size=world_size)
+    optimizer = privacy.make_dp_optimizer(
+        torch.optim.SGD([param], lr=1.0), 0.0, 1.0, 4, world_size=world_size
+    )
     rows = torch.tensor([[3.0, 0, 0], [0, 0.5, 0]]) if rank == 0 else torch.tensor([[0, 0, 4.0]])
     found["clipped_mean"] = step(optimizer, param, rows)
 
     sampler = PoissonSampler(500, 0.1, seed=0, secure_mode=True)  # per-process CSPRNG: rank 0's draw must win
     found["secure_draws"] = [distributed.global_draw(sampler, s, "cpu", world_size) for s in range(3)]
 
-    lora = [torch.nn.Parameter(torch.full((4, 2), float(rank))), torch.nn.Parameter(torch.full((3,), 10.0 + rank))]
+    lora = [
+        torch.nn.Parameter(torch.full((4, 2), float(rank))),
+        torch.nn.Parameter(torch.full((3,), 10.0 + rank)),
+    ]
     distributed.broadcast_trainable_parameters(lora)
     found["broadcast"] = [p.detach().clone() for p in lora]
     found["identical_after_broadcast"] = distributed.replicas_identical(lora)
@@ -195,13 +237,24 @@ def _fsdp2_ghost_clipping(rank, world_size):
     from torch.utils.data.distributed import DistributedSampler
 
     def one_step(model, x, y, noise_multiplier, max_grad_norm):
-        loader = DataLoader(TensorDataset(x, y), batch_size=len(x) // world_size,
-                            sampler=DistributedSampler(TensorDataset(x, y), num_replicas=world_size, rank=rank, shuffle=False))
+        loader = DataLoader(
+            TensorDataset(x, y),
+            batch_size=len(x) // world_size,
+            sampler=DistributedSampler(
+                TensorDataset(x, y), num_replicas=world_size, rank=rank, shuffle=False
+            ),
+        )
         sharded = FSDP2Wrapper(model)
         sharded, optimizer, criterion, loader = PrivacyEngine().make_private(
-            module=sharded, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), criterion=torch.nn.CrossEntropyLoss(),
-            data_loader=loader, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=False,
-            grad_sample_mode="ghost_fsdp")
+            module=sharded,
+            optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            criterion=torch.nn.CrossEntropyLoss(),
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=False,
+            grad_sample_mode="ghost_fsdp",
+        )
         for xb, yb in loader:
             loss = criterion(sharded(xb), yb)
             optimizer.zero_grad()
@@ -215,18 +268,27 @@ def _fsdp2_ghost_clipping(rank, world_size):
     reference = copy.deepcopy(model)
     clipped_sum = [torch.zeros_like(p) for p in reference.parameters()]
     for i in range(len(x)):
-        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(reference(x[i:i + 1]), y[i:i + 1]), list(reference.parameters()))
-        factor = min(1.0, 0.5 / (torch.sqrt(sum((g ** 2).sum() for g in grads)).item() + 1e-6))
+        grads = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(reference(x[i : i + 1]), y[i : i + 1]),
+            list(reference.parameters()),
+        )
+        factor = min(1.0, 0.5 / (torch.sqrt(sum((g**2).sum() for g in grads)).item() + 1e-6))
         clipped_sum = [s + factor * g for s, g in zip(clipped_sum, grads)]
     after, optimizer_class = one_step(model, x, y, 0.0, 0.5)
     expected = [p.detach() - s / len(x) for p, s in zip(reference.parameters(), clipped_sum)]
-    noise_model = torch.nn.Sequential(torch.nn.Linear(200, 200))  # FSDP2Wrapper shards each layer, then the root
+    noise_model = torch.nn.Sequential(
+        torch.nn.Linear(200, 200)
+    )  # FSDP2Wrapper shards each layer, then the root
     with torch.no_grad():
         noise_model[0].weight.zero_()
     noisy, _ = one_step(noise_model, torch.zeros(16, 200), torch.randint(0, 200, (16,)), SIGMA, CLIP)
-    return {"fsdp_after": after, "fsdp_expected": expected,
-            "fsdp_moved": max((a - p.detach()).abs().max().item() for a, p in zip(after, reference.parameters())),
-            "fsdp_optimizer": optimizer_class, "fsdp_noise_weight": noisy[0]}
+    return {
+        "fsdp_after": after,
+        "fsdp_expected": expected,
+        "fsdp_moved": max((a - p.detach()).abs().max().item() for a, p in zip(after, reference.parameters())),
+        "fsdp_optimizer": optimizer_class,
+        "fsdp_noise_weight": noisy[0],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -243,12 +305,16 @@ def collectives(tmp_path_factory):
 def test_noise_of_the_averaged_gradient_has_std_sigma_c_over_logical_batch(collectives, secure):
     rank0, rank1 = (c[f"noise_secure={secure}"] for c in collectives)
     assert torch.equal(rank0, rank1)  # every rank applies the same update
-    expected = SIGMA * CLIP / LOGICAL  # not sqrt(2) times more (noise on every rank) or less (noise averaged away)
+    expected = (
+        SIGMA * CLIP / LOGICAL
+    )  # not sqrt(2) times more (noise on every rank) or less (noise averaged away)
     # relative s.e. of a std from 5e4 draws: 1 / sqrt(2 n) = 0.32%, so 2% is 6.3 s.e. (and a sqrt(2) error is 41%);
     # the mean within 5 s.e.: false failure < 1e-6 for the OS-random secure noise
     assert rank0.std().item() == pytest.approx(expected, rel=0.02)
-    assert abs(rank0.mean().item()) < 5 * expected / NOISE_DIM ** 0.5
-    assert collectives[0][f"class_secure={secure}"] == ("SecureNoiseDistributedDPOptimizer" if secure else "DistributedDPOptimizer")
+    assert abs(rank0.mean().item()) < 5 * expected / NOISE_DIM**0.5
+    assert collectives[0][f"class_secure={secure}"] == (
+        "SecureNoiseDistributedDPOptimizer" if secure else "DistributedDPOptimizer"
+    )
 
 
 @pytest.mark.numerics
@@ -256,8 +322,13 @@ def test_clipped_gradients_are_summed_over_ranks_and_divided_by_the_logical_batc
     for c in collectives:  # clipped rows (1,0,0), (0,0.5,0), (0,0,1); logical batch 4
         # fp32: Opacus's clip factor C / (norm + 1e-6) shortens the rows of norm 3 and 4 by 3e-7 (2.7 ulps of 0.25),
         # plus a few roundings; dividing by 2 (ranks) or 3 (rows) instead of 4 errs by 4e6 ulps
-        assert_close_scaled(c["clipped_mean"], torch.tensor([0.25, 0.125, 0.25]), 16, eps=FP32_EPS,
-                            why="fp32 clip-and-sum with Opacus's 1e-6 in the clip factor")
+        assert_close_scaled(
+            c["clipped_mean"],
+            torch.tensor([0.25, 0.125, 0.25]),
+            16,
+            eps=FP32_EPS,
+            why="fp32 clip-and-sum with Opacus's 1e-6 in the clip factor",
+        )
 
 
 def test_secure_draw_is_rank_zeros_draw_on_every_rank(collectives):
@@ -267,7 +338,9 @@ def test_secure_draw_is_rank_zeros_draw_on_every_rank(collectives):
 
 def test_ranks_start_from_rank_zeros_lora_weights_and_replica_check_notices_drift(collectives):
     for c in collectives:
-        assert torch.equal(c["broadcast"][0], torch.zeros(4, 2)) and torch.equal(c["broadcast"][1], torch.full((3,), 10.0))
+        assert torch.equal(c["broadcast"][0], torch.zeros(4, 2)) and torch.equal(
+            c["broadcast"][1], torch.full((3,), 10.0)
+        )
         assert c["identical_after_broadcast"] is True and c["identical_after_rank1_moved"] is False
 
 
@@ -290,17 +363,22 @@ def test_fsdp2_ghost_clipping_runs_on_cpu_with_the_clipped_mean_and_sigma_c_over
         # fp32: the ghost norms (a different formula for each row's norm) and the sharded sums round differently from
         # the per-row loop; each weight after SGD(lr=1) is w - update, so the budget is ulps of max|w| (~0.4).
         # Observed 0.63 ulps (3e-8); a mean over the per-rank batch (8) instead of the global 16 errs by 3.7e5 ulps.
-        assert_close_scaled(c["fsdp_after"], c["fsdp_expected"], 64, eps=FP32_EPS, why="fp32 ghost clipping vs per-row loop")
-    noise = collectives[0]["fsdp_noise_weight"]  # the weights' gradient is zero (x = 0): pure noise, global batch 16
+        assert_close_scaled(
+            c["fsdp_after"], c["fsdp_expected"], 64, eps=FP32_EPS, why="fp32 ghost clipping vs per-row loop"
+        )
+    noise = collectives[0][
+        "fsdp_noise_weight"
+    ]  # the weights' gradient is zero (x = 0): pure noise, global batch 16
     assert torch.equal(noise, collectives[1]["fsdp_noise_weight"])
-    # 4e4 draws: relative s.e. of the std 0.35%, so 3% is 8.5 s.e. (false failure < 1e-15; seeded by torch.manual_seed(0))
+    # 4e4 draws: relative s.e. of the std 0.35%, so 3% is 8.5 s.e. (false failure < 1e-15; seeded by
+    # torch.manual_seed(0))
     assert noise.std().item() == pytest.approx(SIGMA * CLIP / 16, rel=0.03)
 
 
 # -- train_dp_lora.py launched on 2 CPU processes ------------------------------------------------------------
 
 # Loaded through PYTHONPATH into every launched process: records each write under AUDIT_ROOT, per rank.
-WRITE_AUDIT = '''
+WRITE_AUDIT = """
 import atexit, json, os, sys
 _root, _log, _rank = os.environ.get("AUDIT_ROOT"), os.environ.get("AUDIT_LOG"), os.environ.get("RANK")
 if _root and _log and _rank is not None:
@@ -321,18 +399,28 @@ if _root and _log and _rank is not None:
         _writes.extend(f"{event} {p}" for p in map(_path, paths) if p.startswith(_root))
     sys.addaudithook(_hook)
     atexit.register(lambda: open(os.path.join(_log, "rank" + _rank + ".json"), "w").write(json.dumps(_writes)))
-'''
+"""
 
 
 def start(command, tmp_path, audit_root=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("WORLD_SIZE", None)
     if audit_root:
         hook_dir = tmp_path / "audit_hook"
         hook_dir.mkdir()
         (hook_dir / "sitecustomize.py").write_text(WRITE_AUDIT)
-        env.update(PYTHONPATH=str(hook_dir), AUDIT_ROOT=str(Path(audit_root).resolve()), AUDIT_LOG=str(tmp_path))
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env.update(
+            PYTHONPATH=str(hook_dir), AUDIT_ROOT=str(Path(audit_root).resolve()), AUDIT_LOG=str(tmp_path)
+        )
+    return subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(process, timeout=400) -> str:
@@ -362,20 +450,57 @@ def two_process_run(tiny_model_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("two_process")
     out, single = root / "out", root / "single"
-    command = accelerate_launch("--config_file", "configs/accelerate_multi_gpu.yaml", "--num_processes", "2", "--mixed_precision", "no",
-                                "--main_process_port", str(free_port()), "train_dp_lora.py",
-                                "--model", tiny_model_dir, "--output_dir", str(out), *RUN)
+    command = accelerate_launch(
+        "--config_file",
+        "configs/accelerate_multi_gpu.yaml",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "train_dp_lora.py",
+        "--model",
+        tiny_model_dir,
+        "--output_dir",
+        str(out),
+        *RUN,
+    )
     launched = start(command, root, audit_root=out)
-    single_results = train_dp_lora.main(train_dp_lora.parse_args(["--model", tiny_model_dir, "--output_dir", str(single), *RUN]))
-    return {"out": out, "single": single, "stdout": finish(launched), "audit": root, "single_results": single_results}
+    single_results = train_dp_lora.main(
+        train_dp_lora.parse_args(["--model", tiny_model_dir, "--output_dir", str(single), *RUN])
+    )
+    return {
+        "out": out,
+        "single": single,
+        "stdout": finish(launched),
+        "audit": root,
+        "single_results": single_results,
+    }
 
 
 def test_two_processes_spend_exactly_the_single_process_epsilon_and_noise(two_process_run):
-    multi, single = read(two_process_run["out"] / "adapter" / "privacy_report.json"), read(two_process_run["single"] / "adapter" / "privacy_report.json")
-    for key in ("epsilon", "epsilon_rdp", "noise_multiplier", "sample_rate", "expected_batch_size", "steps_taken", "delta", "n_train", "dp_event"):
+    multi, single = (
+        read(two_process_run["out"] / "adapter" / "privacy_report.json"),
+        read(two_process_run["single"] / "adapter" / "privacy_report.json"),
+    )
+    for key in (
+        "epsilon",
+        "epsilon_rdp",
+        "noise_multiplier",
+        "sample_rate",
+        "expected_batch_size",
+        "steps_taken",
+        "delta",
+        "n_train",
+        "dp_event",
+    ):
         assert multi[key] == single[key], key
     assert multi["world_size"] == 2 and single["world_size"] == 1
-    assert multi["draw_split"] == distributed.DRAW_SPLIT and "rank r processes ordered[r::world_size]" in multi["draw_split"]
+    assert (
+        multi["draw_split"] == distributed.DRAW_SPLIT
+        and "rank r processes ordered[r::world_size]" in multi["draw_split"]
+    )
 
 
 @pytest.mark.numerics
@@ -386,7 +511,9 @@ def test_two_processes_train_the_single_process_adapters(two_process_run):
     # second noise draw, another draw or divisor would move B by O(max|B|) alike.
     multi, single = adapters(two_process_run["out"]), adapters(two_process_run["single"])
     assert multi.keys() == single.keys()
-    assert_close_scaled([multi[k] for k in multi], [single[k] for k in multi], 64, eps=FP32_EPS, why="fp32, another sum order")
+    assert_close_scaled(
+        [multi[k] for k in multi], [single[k] for k in multi], 64, eps=FP32_EPS, why="fp32, another sum order"
+    )
     assert any(v.abs().sum() > 0 for k, v in multi.items() if "lora_B" in k)
 
 
@@ -400,9 +527,15 @@ def test_ranks_end_identical_and_together_processed_exactly_each_draw(two_proces
 
 def test_row_ids_digest_is_order_free_and_tells_other_rows_apart():
     assert distributed.row_ids_digest([3, 1, 2]) == distributed.row_ids_digest([1, 2, 3])
-    assert distributed.row_ids_digest([1, 2]) + distributed.row_ids_digest([3]) == distributed.row_ids_digest([1, 2, 3])
-    assert distributed.row_ids_digest([1, 2, 3]) != distributed.row_ids_digest([1, 2, 2])  # a row processed twice
-    assert distributed.row_ids_digest([1, 2, 3]) != distributed.row_ids_digest([1, 2, 4])  # another row instead
+    assert distributed.row_ids_digest([1, 2]) + distributed.row_ids_digest([3]) == distributed.row_ids_digest(
+        [1, 2, 3]
+    )
+    assert distributed.row_ids_digest([1, 2, 3]) != distributed.row_ids_digest(
+        [1, 2, 2]
+    )  # a row processed twice
+    assert distributed.row_ids_digest([1, 2, 3]) != distributed.row_ids_digest(
+        [1, 2, 4]
+    )  # another row instead
 
 
 def test_only_rank_zero_writes_files_and_prints(two_process_run):
@@ -412,20 +545,43 @@ def test_only_rank_zero_writes_files_and_prints(two_process_run):
     assert any(w.endswith("privacy_report.json") for w in rank0) and any("checkpoints" in w for w in rank0)
     stdout = two_process_run["stdout"]
     assert stdout.count("***** Running DP LoRA training *****") == 1 and stdout.count("Done: 4 steps") == 1
-    state = torch.load(two_process_run["out"] / "private_run_record" / "checkpoints" / "step_000002" / "training_state.pt", weights_only=False)
+    state = torch.load(
+        two_process_run["out"] / "private_run_record" / "checkpoints" / "step_000002" / "training_state.pt",
+        weights_only=False,
+    )
     assert len(state["rng_per_rank"]) == 2  # each rank's dropout RNG, for an exact resume
 
 
 @pytest.mark.numerics
-def test_two_process_resume_reaches_the_uninterrupted_adapters_and_epsilon(two_process_run, tiny_model_dir, tmp_path):
+def test_two_process_resume_reaches_the_uninterrupted_adapters_and_epsilon(
+    two_process_run, tiny_model_dir, tmp_path
+):
     resumed = tmp_path / "resumed"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_dp_lora.py",
-               "--model", tiny_model_dir, "--output_dir", str(resumed), *RUN,
-               "--resume_from_checkpoint", str(two_process_run["out"] / "private_run_record" / "checkpoints" / "step_000002")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "train_dp_lora.py",
+        "--model",
+        tiny_model_dir,
+        "--output_dir",
+        str(resumed),
+        *RUN,
+        "--resume_from_checkpoint",
+        str(two_process_run["out"] / "private_run_record" / "checkpoints" / "step_000002"),
+    ]
     finish(start(command, tmp_path))
-    full, cont = read(two_process_run["out"] / "adapter" / "privacy_report.json"), read(resumed / "adapter" / "privacy_report.json")
+    full, cont = (
+        read(two_process_run["out"] / "adapter" / "privacy_report.json"),
+        read(resumed / "adapter" / "privacy_report.json"),
+    )
     # the same accountant on the same history: equal up to fp64 roundings (rel 1e-9); one step more is +3.6%
-    assert cont["steps_taken"] == full["steps_taken"] == 4 and cont["epsilon"] == pytest.approx(full["epsilon"], rel=1e-9)
+    assert cont["steps_taken"] == full["steps_taken"] == 4 and cont["epsilon"] == pytest.approx(
+        full["epsilon"], rel=1e-9
+    )
     # bitwise (observed): the same 2 processes, thread count, shapes, draws and noise replay the same fp32 ops
     a, b = adapters(two_process_run["out"]), adapters(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -438,13 +594,44 @@ def test_two_machines_on_localhost_train_like_one_process(two_process_run, tiny_
     """configs/accelerate_multi_node.yaml with 2 'machines' x 1 process, both on this host."""
     out, port = tmp_path / "out", free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    machines = [subprocess.Popen(accelerate_launch("--config_file", "configs/accelerate_multi_node.yaml", "--num_processes", "2",
-                                                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-                                                   "--mixed_precision", "no", "train_dp_lora.py", "--model", tiny_model_dir, "--output_dir", str(out), *RUN),
-                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    machines = [
+        subprocess.Popen(
+            accelerate_launch(
+                "--config_file",
+                "configs/accelerate_multi_node.yaml",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "--mixed_precision",
+                "no",
+                "train_dp_lora.py",
+                "--model",
+                tiny_model_dir,
+                "--output_dir",
+                str(out),
+                *RUN,
+            ),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     logs = [m.communicate(timeout=600)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert read(out / "adapter" / "privacy_report.json")["epsilon"] == read(two_process_run["single"] / "adapter" / "privacy_report.json")["epsilon"]
+    assert (
+        read(out / "adapter" / "privacy_report.json")["epsilon"]
+        == read(two_process_run["single"] / "adapter" / "privacy_report.json")["epsilon"]
+    )
     multi, single = adapters(out), adapters(two_process_run["single"])
     # fp32, another sum order: the budget of test_two_processes_train_the_single_process_adapters
-    assert_close_scaled([multi[k] for k in multi], [single[k] for k in multi], 64, eps=FP32_EPS, why="fp32, another sum order")
+    assert_close_scaled(
+        [multi[k] for k in multi], [single[k] for k in multi], 64, eps=FP32_EPS, why="fp32, another sum order"
+    )

@@ -27,7 +27,10 @@ from utils.prompt import encode_example
 # (prediction, reference) pairs with punctuation, case, articles, digits, non-ASCII, repeats, empties
 PAIRS = [
     ("the cat on the mat", "the cat sat on the mat"),
-    ("Cardiac output = stroke volume x heart rate.", "Cardiac output equals stroke volume multiplied by heart rate."),
+    (
+        "Cardiac output = stroke volume x heart rate.",
+        "Cardiac output equals stroke volume multiplied by heart rate.",
+    ),
     ("Vitamin B12 (cobalamin) deficiency", "vitamin b12 deficiency causes megaloblastic anaemia"),
     ("β-blockers reduce heart rate", "Beta blockers reduce the heart rate"),
     ("a b a b a", "b a b"),
@@ -39,10 +42,13 @@ PAIRS = [
 # -----------------------------------------------------------------------------
 # metric functions on hand-made cases
 
+
 def test_normalize_answer_lowercases_strips_punctuation_and_articles_and_collapses_spaces():
     assert metrics.normalize_answer("  The Cat,  sat! on a   mat. ") == "cat sat on mat"
     assert metrics.normalize_answer("An apple") == "apple"
-    assert metrics.normalize_answer("theory and thematic") == "theory and thematic"  # articles only as whole words
+    assert (
+        metrics.normalize_answer("theory and thematic") == "theory and thematic"
+    )  # articles only as whole words
 
 
 def test_exact_match_compares_normalised_text():
@@ -54,7 +60,9 @@ def test_exact_match_compares_normalised_text():
 def test_token_f1_exact_values():
     # exact rationals computed in fp64 (a few ulps); approx's rel 1e-6 separates them from any other count ratio
     assert metrics.token_f1("The Cat sat.", "a cat sat down") == pytest.approx(0.8)  # P 1, R 2/3
-    assert metrics.token_f1("cat cat dog", "cat dog dog") == pytest.approx(2 / 3)  # bag overlap counts min(count)
+    assert metrics.token_f1("cat cat dog", "cat dog dog") == pytest.approx(
+        2 / 3
+    )  # bag overlap counts min(count)
     assert metrics.token_f1("dog", "cat") == 0.0
     assert metrics.token_f1("the", "") == 1.0  # both normalise to nothing
     assert metrics.token_f1("the", "cat") == 0.0
@@ -62,7 +70,9 @@ def test_token_f1_exact_values():
 
 def test_rouge_l_exact_values():
     # exact rationals in fp64, as above
-    assert metrics.rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(10 / 11)  # LCS 5: P 1, R 5/6
+    assert metrics.rouge_l("the cat on the mat", "the cat sat on the mat") == pytest.approx(
+        10 / 11
+    )  # LCS 5: P 1, R 5/6
     assert metrics.rouge_l("A B C", "c b a") == pytest.approx(1 / 3)  # LCS 1 of 3 tokens each way
     assert metrics.rouge_l("", "cat") == 0.0
     assert metrics.rouge_l("same words", "Same, words!") == 1.0
@@ -71,7 +81,9 @@ def test_rouge_l_exact_values():
 def test_rouge_l_agrees_with_rouge_score_run_directly():
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     for prediction, reference in PAIRS:
-        assert metrics.rouge_l(prediction, reference) == scorer.score(reference, prediction)["rougeL"].fmeasure
+        assert (
+            metrics.rouge_l(prediction, reference) == scorer.score(reference, prediction)["rougeL"].fmeasure
+        )
 
 
 def test_evaluate_module_gives_the_means_and_per_example_values_of_the_functions():
@@ -83,12 +95,15 @@ def test_evaluate_module_gives_the_means_and_per_example_values_of_the_functions
     assert result["per_example"]["f1"] == [metrics.token_f1(p, r) for p, r in PAIRS]
     assert result["per_example"]["exact_match"] == [metrics.exact_match(p, r) for p, r in PAIRS]
     for name in ("exact_match", "f1", "rougeL"):
-        assert result[name] == pytest.approx(sum(result["per_example"][name]) / len(PAIRS))  # fp64 mean of 7: <= 7 ulps
+        assert result[name] == pytest.approx(
+            sum(result["per_example"][name]) / len(PAIRS)
+        )  # fp64 mean of 7: <= 7 ulps
     assert set(metric.compute(predictions=["a"], references=["a"])) == {"exact_match", "f1", "rougeL"}
 
 
 # -----------------------------------------------------------------------------
 # answer NLL under teacher forcing
+
 
 @pytest.mark.numerics
 def test_answer_nll_is_the_same_in_any_batch_and_equals_the_full_logits_reference(tiny_model_dir):
@@ -100,22 +115,43 @@ def test_answer_nll_is_the_same_in_any_batch_and_equals_the_full_logits_referenc
     # fp32 model, NLL ~7.6 (log 2000): 64-term dot products per logit (<= 32 eps sum|h w| each), a 2000-term
     # logsumexp and other batch shapes: ~10 fp32 ulps of 7.6 at worst; budget 32 (2.9e-5; observed 0 batched vs alone,
     # 2.6 vs the full logits). Padding or batch averaging leaking into a row's NLL errs by >= 1e4 ulps.
-    assert_close_scaled(torch.tensor(batched), torch.tensor(one_by_one), 32, eps=FP32_EPS, why="fp32 NLL, other batch shapes")
+    assert_close_scaled(
+        torch.tensor(batched), torch.tensor(one_by_one), 32, eps=FP32_EPS, why="fp32 NLL, other batch shapes"
+    )
     for card, value in zip(cards, one_by_one):
         example = encode_example(tokenizer, card["input"], card["output"], card["instruction"])
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([example["input_ids"]])).logits
         reference = per_example_loss_from_logits(logits, torch.tensor([example["labels"]]))
-        assert_close_scaled(torch.tensor([value]), reference, 32, eps=FP32_EPS, why="fp32 NLL, answer-only vs full logits")
+        assert_close_scaled(
+            torch.tensor([value]), reference, 32, eps=FP32_EPS, why="fp32 NLL, answer-only vs full logits"
+        )
 
 
 # -----------------------------------------------------------------------------
 # tiny training runs shared by the tests below
 
+
 def _train(output_dir, model_dir, dataset, *extra):
-    train_dp_lora.main(train_dp_lora.parse_args([
-        "--model", str(model_dir), "--dataset", str(dataset), "--report_to", "none", "--output_dir", str(output_dir),
-        "--save_steps", "0", "--eval_steps", "0", *extra]))
+    train_dp_lora.main(
+        train_dp_lora.parse_args(
+            [
+                "--model",
+                str(model_dir),
+                "--dataset",
+                str(dataset),
+                "--report_to",
+                "none",
+                "--output_dir",
+                str(output_dir),
+                "--save_steps",
+                "0",
+                "--eval_steps",
+                "0",
+                *extra,
+            ]
+        )
+    )
     return Path(output_dir)
 
 
@@ -124,8 +160,20 @@ def curve_runs(tmp_path_factory, tiny_model_dir):
     """Two DP runs (epsilon 2 and 8) and a --disable_dp run on 60 cards with the same seed, hence the same split."""
     root = tmp_path_factory.mktemp("curve_runs")
     cards_file = write_cards(root / "cards.jsonl", bundled_cards()[:60])
-    common = ["--max_steps", "2", "--logical_batch_size", "8", "--per_device_train_batch_size", "8",
-              "--validation_fraction", "0.05", "--test_fraction", "0.15", "--accountant", "rdp"]  # rdp: calibrates ~3x faster than prv
+    common = [
+        "--max_steps",
+        "2",
+        "--logical_batch_size",
+        "8",
+        "--per_device_train_batch_size",
+        "8",
+        "--validation_fraction",
+        "0.05",
+        "--test_fraction",
+        "0.15",
+        "--accountant",
+        "rdp",
+    ]  # rdp: calibrates ~3x faster than prv
     return {
         "eps2": _train(root / "eps2", tiny_model_dir, cards_file, "--epsilon", "2", *common),
         "eps8": _train(root / "eps8", tiny_model_dir, cards_file, "--epsilon", "8", *common),
@@ -145,10 +193,10 @@ def _read_wandb_records(run_dir):
         if block - position % block < 7:  # block trailer too short for a header: padding
             position += block - position % block
             continue
-        _, length, kind = struct.unpack("<IHB", raw[position:position + 7])
+        _, length, kind = struct.unpack("<IHB", raw[position : position + 7])
         if length == 0 and kind == 0:
             break
-        pending += raw[position + 7:position + 7 + length]
+        pending += raw[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = wandb_internal_pb2.Record()
@@ -158,15 +206,33 @@ def _read_wandb_records(run_dir):
     history = {}
     for record in records:
         if record.WhichOneof("record_type") == "history":
-            history.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            history.update(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
     return history
 
 
 @pytest.fixture(scope="module")
 def evaluated(curve_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluation")
-    argv = ["--adapters", str(curve_runs["eps2"] / "adapter"), str(curve_runs["eps8"]), str(curve_runs["nodp"]),
-            "--curve", "--max_new_tokens", "8", "--batch_size", "4", "--output_dir", str(out / "eval"), "--report_to", "wandb"]
+    argv = [
+        "--adapters",
+        str(curve_runs["eps2"] / "adapter"),
+        str(curve_runs["eps8"]),
+        str(curve_runs["nodp"]),
+        "--curve",
+        "--max_new_tokens",
+        "8",
+        "--batch_size",
+        "4",
+        "--output_dir",
+        str(out / "eval"),
+        "--report_to",
+        "wandb",
+    ]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("WANDB_MODE", "offline")
         results = evaluate_qa.main(evaluate_qa.parse_args(argv))
@@ -176,6 +242,7 @@ def evaluated(curve_runs, tmp_path_factory):
 # -----------------------------------------------------------------------------
 # refusing training rows
 
+
 def test_check_no_training_rows_names_the_run_and_the_count():
     cards, _ = clean_rows(bundled_cards()[:40])
     spec = SplitSpec(seed=0, validation_fraction=0.2, test_fraction=0.3)
@@ -184,29 +251,58 @@ def test_check_no_training_rows_names_the_run_and_the_count():
     n_train = len(cards) - len(held_out)
     assert held_out and n_train  # the check below is not vacuous either way
     evaluate_qa.check_no_training_rows(held_out, [run])
-    with pytest.raises(evaluate_qa.EvaluationError, match=rf"{n_train} of {len(cards)} rows are training rows of run_a"):
+    with pytest.raises(
+        evaluate_qa.EvaluationError, match=rf"{n_train} of {len(cards)} rows are training rows of run_a"
+    ):
         evaluate_qa.check_no_training_rows(cards, [run])
 
 
 def test_cli_refuses_a_dataset_that_contains_training_rows(curve_runs, capsys):
-    code = evaluate_qa.cli_main(["--adapters", str(curve_runs["eps2"]), "--dataset", curve_runs["cards_file"], "--report_to", "none"])
+    code = evaluate_qa.cli_main(
+        ["--adapters", str(curve_runs["eps2"]), "--dataset", curve_runs["cards_file"], "--report_to", "none"]
+    )
     assert code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: refusing to evaluate on training data:") and "\n" not in error
 
 
-def test_a_bundle_alone_plus_the_data_file_evaluates_its_test_rows_and_refuses_its_training_rows(curve_runs, tmp_path, capsys):
+def test_a_bundle_alone_plus_the_data_file_evaluates_its_test_rows_and_refuses_its_training_rows(
+    curve_runs, tmp_path, capsys
+):
     shared = tmp_path / "shared_bundle"
-    shutil.copytree(curve_runs["eps2"] / "adapter", shared)  # no private run record: no split record, no hashes
+    shutil.copytree(
+        curve_runs["eps2"] / "adapter", shared
+    )  # no private run record: no split record, no hashes
     assert "private_run_record" not in {p.name for p in tmp_path.iterdir()}
     out = tmp_path / "eval"
-    code = evaluate_qa.cli_main(["--adapters", str(shared), "--dataset", curve_runs["cards_file"], "--split", "test",
-                                 "--no_base", "--max_new_tokens", "2", "--output_dir", str(out), "--report_to", "none"])
+    code = evaluate_qa.cli_main(
+        [
+            "--adapters",
+            str(shared),
+            "--dataset",
+            curve_runs["cards_file"],
+            "--split",
+            "test",
+            "--no_base",
+            "--max_new_tokens",
+            "2",
+            "--output_dir",
+            str(out),
+            "--report_to",
+            "none",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     cards, _ = clean_rows(bundled_cards()[:60])
     spec = SplitSpec.from_json(json.loads((shared / "privacy_report.json").read_text())["split"])
-    assert json.loads((out / evaluate_qa.RESULTS_FILE).read_text())["data"]["n"] == sum(assign_split(c, spec) == "test" for c in cards) > 0
-    code = evaluate_qa.cli_main(["--adapters", str(shared), "--dataset", curve_runs["cards_file"], "--report_to", "none"])
+    assert (
+        json.loads((out / evaluate_qa.RESULTS_FILE).read_text())["data"]["n"]
+        == sum(assign_split(c, spec) == "test" for c in cards)
+        > 0
+    )
+    code = evaluate_qa.cli_main(
+        ["--adapters", str(shared), "--dataset", curve_runs["cards_file"], "--report_to", "none"]
+    )
     assert code == 2 and "rows are training rows of shared_bundle" in capsys.readouterr().err
 
 
@@ -226,7 +322,14 @@ def test_cli_reports_every_bad_argument_at_once(capsys):
 
 
 def test_curve_needs_a_dp_run(curve_runs, capsys):
-    argv = ["--adapters", str(curve_runs["nodp"]), str(curve_runs["nodp"] / "adapter"), "--curve", "--report_to", "none"]
+    argv = [
+        "--adapters",
+        str(curve_runs["nodp"]),
+        str(curve_runs["nodp"] / "adapter"),
+        "--curve",
+        "--report_to",
+        "none",
+    ]
     assert evaluate_qa.cli_main(argv) == 2
     assert "at least one DP-trained run" in capsys.readouterr().err
 
@@ -234,11 +337,14 @@ def test_curve_needs_a_dp_run(curve_runs, capsys):
 # -----------------------------------------------------------------------------
 # end to end
 
+
 def test_results_json_lists_every_model_with_its_privacy_and_consistent_metrics(evaluated, curve_runs):
     results, out = evaluated
     saved = json.loads((out / evaluate_qa.RESULTS_FILE).read_text())
     cards, _ = clean_rows(bundled_cards()[:60])
-    spec = SplitSpec.from_json(json.loads((curve_runs["eps2"] / "adapter" / "privacy_report.json").read_text())["split"])
+    spec = SplitSpec.from_json(
+        json.loads((curve_runs["eps2"] / "adapter" / "privacy_report.json").read_text())["split"]
+    )
     n_test = sum(assign_split(c, spec) == "test" for c in cards)
     assert saved["data"]["n"] == n_test > 0
     assert saved["data"]["split"] == "held-out test split of eps2"
@@ -258,7 +364,9 @@ def test_results_json_lists_every_model_with_its_privacy_and_consistent_metrics(
     for model in saved["models"]:
         assert set(model["metrics"]) == set(evaluate_qa.METRIC_NAMES)
         if model["kind"] != "baseline":
-            assert model["metrics"]["perplexity"] == pytest.approx(math.exp(model["metrics"]["nll"]))  # one fp64 exp: ~1 ulp
+            assert model["metrics"]["perplexity"] == pytest.approx(
+                math.exp(model["metrics"]["nll"])
+            )  # one fp64 exp: ~1 ulp
         assert 0 <= model["metrics"]["f1"] <= 1 and 0 <= model["metrics"]["rougeL"] <= 1
     assert saved["curve"] == str(out / evaluate_qa.CURVE_FILE)
 
@@ -268,10 +376,23 @@ def test_predictions_jsonl_holds_each_test_row_per_model_with_its_scores(evaluat
     rows = [json.loads(line) for line in (out / evaluate_qa.PREDICTIONS_FILE).read_text().splitlines()]
     n_test = results["data"]["n"]
     assert len(rows) == 5 * n_test
-    assert set(rows[0]) == {"model", "question", "reference", "prediction", "em", "f1", "rougeL", "content_f1", "content_recall", "nll"}
+    assert set(rows[0]) == {
+        "model",
+        "question",
+        "reference",
+        "prediction",
+        "em",
+        "f1",
+        "rougeL",
+        "content_f1",
+        "content_recall",
+        "nll",
+    }
     assert all(r["prediction"] == r["question"] for r in rows if r["model"] == "question_echo")
     cards, _ = clean_rows(bundled_cards()[:60])
-    spec = SplitSpec.from_json(json.loads((curve_runs["eps2"] / "adapter" / "privacy_report.json").read_text())["split"])
+    spec = SplitSpec.from_json(
+        json.loads((curve_runs["eps2"] / "adapter" / "privacy_report.json").read_text())["split"]
+    )
     test_questions = [c["input"] for c in cards if assign_split(c, spec) == "test"]
     for model in results["models"]:
         mine = [r for r in rows if r["model"] == model["name"]]
@@ -304,17 +425,34 @@ def test_offline_wandb_run_holds_the_metrics_and_the_predictions_table(evaluated
     for model in results["models"]:
         for name in evaluate_qa.METRIC_NAMES:
             if model["metrics"][name] is not None:  # the echo baseline has no NLL to log
-                assert history[f"eval/{model['name']}/{name}"] == pytest.approx(model["metrics"][name])  # a JSON round trip: exact
+                assert history[f"eval/{model['name']}/{name}"] == pytest.approx(
+                    model["metrics"][name]
+                )  # a JSON round trip: exact
     n_test = results["data"]["n"]
     assert history["eval/predictions/nrows"] == 5 * n_test and history["eval/summary/nrows"] == 5
     table = json.loads(next(Path(run_dir).rglob("predictions_*.table.json")).read_text())
-    assert table["columns"] == ["model", "question", "reference", "prediction", "em", "f1", "rougeL", "content_f1",
-                                "content_recall", "nll"] and len(table["data"]) == 5 * n_test
+    assert (
+        table["columns"]
+        == [
+            "model",
+            "question",
+            "reference",
+            "prediction",
+            "em",
+            "f1",
+            "rougeL",
+            "content_f1",
+            "content_recall",
+            "nll",
+        ]
+        and len(table["data"]) == 5 * n_test
+    )
     assert next(Path(run_dir).rglob("privacy_utility_*.png"), None) is not None
 
 
 # -----------------------------------------------------------------------------
 # fine-tuning helps on what the model was trained on
+
 
 @pytest.fixture(scope="module")
 def memorised(tmp_path_factory, tiny_model_dir):
@@ -329,9 +467,30 @@ def memorised(tmp_path_factory, tiny_model_dir):
     tokenizer.save_pretrained(root / "model")
     cards = sorted(bundled_cards(), key=lambda c: len(c["output"]))[:16]
     cards_file = write_cards(root / "cards.jsonl", cards)
-    run = _train(root / "run", root / "model", cards_file, "--disable_dp", "--validation_fraction", "0", "--test_fraction", "0",
-                 "--max_steps", "60", "--logical_batch_size", "8", "--per_device_train_batch_size", "16", "--learning_rate", "3e-2",
-                 "--lora_r", "16", "--lora_dropout", "0", "--warmup_ratio", "0")
+    run = _train(
+        root / "run",
+        root / "model",
+        cards_file,
+        "--disable_dp",
+        "--validation_fraction",
+        "0",
+        "--test_fraction",
+        "0",
+        "--max_steps",
+        "60",
+        "--logical_batch_size",
+        "8",
+        "--per_device_train_batch_size",
+        "16",
+        "--learning_rate",
+        "3e-2",
+        "--lora_r",
+        "16",
+        "--lora_dropout",
+        "0",
+        "--warmup_ratio",
+        "0",
+    )
     return {"model": root / "model", "run": run, "cards_file": cards_file, "cards": clean_rows(cards)[0]}
 
 
@@ -342,7 +501,9 @@ def test_model_fine_tuned_without_dp_scores_far_better_than_its_base_on_the_card
     settings, metric, scores = GenerationSettings(max_new_tokens=40), evaluate_qa.load_metric(), {}
     for name, adapters in (("base", None), ("tuned", str(memorised["run"] / "adapter"))):
         model, tokenizer, _ = load_for_inference(adapters, str(memorised["model"]), device="cpu")
-        scores[name], _ = evaluate_qa.score_model(model, tokenizer, memorised["cards"], settings, batch_size=16, metric=metric)
+        scores[name], _ = evaluate_qa.score_model(
+            model, tokenizer, memorised["cards"], settings, batch_size=16, metric=metric
+        )
     # utility bands, observed over training seeds 42 (this test) and 0-4 (1 thread): NLL ratio 0.35-0.37 (limit 0.6),
     # F1 gain 0.74-0.94 and ROUGE-L gain 0.75-0.94 (limits 0.3): each limit sits at least 0.23 below the worst seed
     assert scores["tuned"]["nll"] < 0.6 * scores["base"]["nll"]
@@ -351,7 +512,12 @@ def test_model_fine_tuned_without_dp_scores_far_better_than_its_base_on_the_card
 
 
 def test_cli_refuses_to_score_the_memorised_training_cards(memorised, capsys):
-    assert evaluate_qa.cli_main(["--adapters", str(memorised["run"]), "--dataset", memorised["cards_file"], "--report_to", "none"]) == 2
+    assert (
+        evaluate_qa.cli_main(
+            ["--adapters", str(memorised["run"]), "--dataset", memorised["cards_file"], "--report_to", "none"]
+        )
+        == 2
+    )
     assert "16 of 16 rows are training rows" in capsys.readouterr().err
 
 
@@ -367,8 +533,14 @@ def test_a_checkpoint_is_described_with_its_own_privacy_report_and_the_runs_spli
 def test_content_scores_give_no_credit_for_repeating_the_question():
     question, reference = "What does insulin lower?", "Insulin lowers blood glucose."
     assert metrics.token_f1(question, reference) > 0.2  # plain F1 credits the echo
-    assert metrics.content_f1(question, reference, question) == metrics.content_recall(question, reference, question) == 0.0
+    assert (
+        metrics.content_f1(question, reference, question)
+        == metrics.content_recall(question, reference, question)
+        == 0.0
+    )
     assert metrics.content_f1("Lowers blood glucose.", reference, question) == 1.0
     # reference content tokens: lowers, blood, glucose ("insulin" is in the question); the prediction has 2 of them
     assert metrics.content_recall("It lowers glucose.", reference, question) == pytest.approx(2 / 3)
-    assert metrics.content_recall("", "Insulin.", "What is insulin?") == 1.0  # nothing beyond the question to say
+    assert (
+        metrics.content_recall("", "Insulin.", "What is insulin?") == 1.0
+    )  # nothing beyond the question to say

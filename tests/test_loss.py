@@ -29,7 +29,9 @@ def fp64_model():
     model = build_tiny_vaultgemma(VOCAB, seed=1).double()
     assert model.config.final_logit_softcapping  # the chunked path must handle the cap
     model.requires_grad_(False)
-    for p in model.model.layers.parameters():  # train the body, keep the (tied) head frozen: the LoRA situation
+    for (
+        p
+    ) in model.model.layers.parameters():  # train the body, keep the (tied) head frozen: the LoRA situation
         p.requires_grad_(True)
     return model
 
@@ -40,8 +42,16 @@ def lora_model(seed=0):
 
     base = build_tiny_vaultgemma(VOCAB, seed=seed).double()
     base.requires_grad_(False)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     generator = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         if p.requires_grad:  # LoRA B starts at zero, which would make every A gradient zero
@@ -65,7 +75,9 @@ def padded_batch(lengths, answer_starts, seed=0):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-BATCH = dict(lengths=[17, 9, 23, 12], answer_starts=[6, 4, 11, None])  # ragged, padded, one row without answer tokens
+BATCH = dict(
+    lengths=[17, 9, 23, 12], answer_starts=[6, 4, 11, None]
+)  # ragged, padded, one row without answer tokens
 
 
 def reference_loss(model, batch):
@@ -99,7 +111,9 @@ def hf_batch_mean_loss(model, batch, chunk_tokens=None):
     """The bug per_example_loss exists to avoid: row i's share of Hugging Face's batch loss (sum over all answer
     tokens of the batch / their total count), so .sum() is the HF loss and row i is weighted n_i / N, not 1."""
     token_nll, rows = loss.answer_token_nll(model, batch, chunk_tokens)
-    return torch.zeros(batch["labels"].shape[0], dtype=token_nll.dtype).index_add(0, rows, token_nll) / len(token_nll)
+    return torch.zeros(batch["labels"].shape[0], dtype=token_nll.dtype).index_add(0, rows, token_nll) / len(
+        token_nll
+    )
 
 
 def own_token_mean_error(model, per_example_loss) -> float:
@@ -122,7 +136,9 @@ def test_chunked_loss_is_each_examples_mean_over_its_own_answer_tokens(fp64_mode
 def chunked_gradient_error(model, chunk_tokens) -> float:
     """fp32 ulps between the chunked path's parameter gradients and the full-logit reference's (worst tensor)."""
     batch = padded_batch(**BATCH)
-    weights = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64)  # any upstream gradient, not only a plain sum
+    weights = torch.tensor(
+        [0.3, -1.2, 2.0, 0.7], dtype=torch.float64
+    )  # any upstream gradient, not only a plain sum
     params = [p for p in model.parameters() if p.requires_grad]
     chunked = torch.autograd.grad((loss.per_example_loss(model, batch, chunk_tokens) * weights).sum(), params)
     reference = torch.autograd.grad((reference_loss(model, batch) * weights).sum(), params)
@@ -132,15 +148,22 @@ def chunked_gradient_error(model, chunk_tokens) -> float:
 @pytest.mark.numerics
 @pytest.mark.parametrize("chunk_tokens", [1, 5, None])
 def test_chunked_gradient_equals_full_logit_gradient(fp64_model, chunk_tokens):
-    assert chunked_gradient_error(fp64_model, chunk_tokens) <= GRAD_ULPS_FP32  # fp32-limited body backward (GRAD_ULPS_FP32)
+    assert (
+        chunked_gradient_error(fp64_model, chunk_tokens) <= GRAD_ULPS_FP32
+    )  # fp32-limited body backward (GRAD_ULPS_FP32)
 
 
 @pytest.mark.numerics
 def test_chunked_gradient_check_catches_a_backward_that_drops_the_upstream_gradient(fp64_model, monkeypatch):
     # backward returning d nll / d hidden unscaled (the per-example weights and 1 / n_i lost):
     # measured 7.8e7 fp32 ulps, 5e6 x the budget
-    monkeypatch.setattr(loss.ChunkedHeadNLL, "backward",
-                        staticmethod(lambda ctx, grad_nll: (ctx.saved_tensors[0].to(ctx.hidden_dtype), None, None, None, None)))
+    monkeypatch.setattr(
+        loss.ChunkedHeadNLL,
+        "backward",
+        staticmethod(
+            lambda ctx, grad_nll: (ctx.saved_tensors[0].to(ctx.hidden_dtype), None, None, None, None)
+        ),
+    )
     assert chunked_gradient_error(fp64_model, 5) >= 1e4 * GRAD_ULPS_FP32
 
 
@@ -150,8 +173,13 @@ def test_no_grad_evaluation_gives_the_same_loss(fp64_model):
     with torch.no_grad():
         evaluated = loss.per_example_loss(fp64_model, batch, chunk_tokens=2)
     assert not evaluated.requires_grad
-    assert_close_scaled(evaluated, loss.per_example_loss(fp64_model, batch).detach(), LOSS_ULPS_FP64, eps=FP64_EPS,
-                        why="same body, fp64 head in other chunk shapes (LOSS_ULPS_FP64)")
+    assert_close_scaled(
+        evaluated,
+        loss.per_example_loss(fp64_model, batch).detach(),
+        LOSS_ULPS_FP64,
+        eps=FP64_EPS,
+        why="same body, fp64 head in other chunk shapes (LOSS_ULPS_FP64)",
+    )
 
 
 @pytest.mark.numerics
@@ -159,8 +187,13 @@ def test_trainable_head_falls_back_to_full_logits_with_the_same_loss_and_gradien
     batch = padded_batch(**BATCH)
     fp64_model.lm_head.weight.requires_grad_(True)  # tied to the embeddings: both now train
     chunked = loss.per_example_loss(fp64_model, batch, chunk_tokens=2)
-    assert_close_scaled(chunked, reference_loss(fp64_model, batch), LOSS_ULPS_FP64, eps=FP64_EPS,
-                        why="same body, fp64 head on [M, V] answer logits instead of [B, T, V] (LOSS_ULPS_FP64)")
+    assert_close_scaled(
+        chunked,
+        reference_loss(fp64_model, batch),
+        LOSS_ULPS_FP64,
+        eps=FP64_EPS,
+        why="same body, fp64 head on [M, V] answer logits instead of [B, T, V] (LOSS_ULPS_FP64)",
+    )
     (head_grad,) = torch.autograd.grad(chunked.sum(), [fp64_model.lm_head.weight])
     assert head_grad.abs().sum() > 0  # the head got its gradient: the unchunked path ran
 
@@ -184,6 +217,7 @@ def per_sample_gradient_error(mode, per_example_loss=loss.per_example_loss, mix_
     params = [p for p in model.parameters() if p.requires_grad]
     handle = None
     if mix_rows:
+
         def mix(module, inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
             mixed = hidden + mix_rows * (hidden.mean(0, keepdim=True) - hidden)
@@ -193,7 +227,7 @@ def per_sample_gradient_error(mode, per_example_loss=loss.per_example_loss, mix_
     batch = padded_batch(lengths=[17, 9, 23], answer_starts=[6, 4, 11])
     brute_force = []
     for row, length in enumerate([17, 9, 23]):
-        alone = {k: v[row:row + 1, :length] for k, v in batch.items()}
+        alone = {k: v[row : row + 1, :length] for k, v in batch.items()}
         brute_force.append(torch.autograd.grad(per_example_loss(model, alone).sum(), params))
 
     hooks = privacy.attach_per_sample_hooks(model, mode)
@@ -270,7 +304,9 @@ def test_length_bucketing_keeps_exactly_the_poisson_draw(per_device_batch_size):
         assert all(1 <= len(b) <= per_device_batch_size for b in batches)
         flat = [lengths[r] for b in batches for r in b]
         assert flat == sorted(flat)  # grouped by length
-        assert privacy.PoissonSampler(n_rows, 0.05, seed=7).draw(step) == drawn  # bucketing consumed no randomness
+        assert (
+            privacy.PoissonSampler(n_rows, 0.05, seed=7).draw(step) == drawn
+        )  # bucketing consumed no randomness
 
 
 def test_the_draw_does_not_depend_on_lengths():
@@ -278,5 +314,8 @@ def test_the_draw_does_not_depend_on_lengths():
     sampler = privacy.PoissonSampler(300, 0.1, seed=3)
     short, long = [10] * 300, list(range(300, 0, -1))
     for step in range(10):
-        assert sorted(r for b in privacy.physical_batches(sampler.draw(step), short, 4) for r in b) == \
-               sorted(r for b in privacy.physical_batches(sampler.draw(step), long, 4) for r in b) == sorted(sampler.draw(step))
+        assert (
+            sorted(r for b in privacy.physical_batches(sampler.draw(step), short, 4) for r in b)
+            == sorted(r for b in privacy.physical_batches(sampler.draw(step), long, 4) for r in b)
+            == sorted(sampler.draw(step))
+        )

@@ -9,20 +9,25 @@ from utils import metrics
 
 # --- normalize_answer -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, normalized", [
-    ("The Quick, brown fox!", "quick brown fox"),
-    ("an apple a day", "apple day"),
-    ("  Insulin\tlowers\n\nglucose.  ", "insulin lowers glucose"),
-    ("theory and Anatomy", "theory and anatomy"),  # articles only as whole words
-    ("A", ""),
-    ("...", ""),
-    ("", ""),
-])
+
+@pytest.mark.parametrize(
+    "text, normalized",
+    [
+        ("The Quick, brown fox!", "quick brown fox"),
+        ("an apple a day", "apple day"),
+        ("  Insulin\tlowers\n\nglucose.  ", "insulin lowers glucose"),
+        ("theory and Anatomy", "theory and anatomy"),  # articles only as whole words
+        ("A", ""),
+        ("...", ""),
+        ("", ""),
+    ],
+)
 def test_normalize_answer_lowercases_drops_punctuation_articles_and_extra_space(text, normalized):
     assert metrics.normalize_answer(text) == normalized
 
 
 # --- exact_match --------------------------------------------------------------------------------------------
+
 
 def test_exact_match_is_1_for_texts_equal_after_normalisation():
     assert metrics.exact_match("The Liver.", "liver") == 1.0
@@ -35,6 +40,7 @@ def test_exact_match_is_0_for_different_texts():
 
 
 # --- token_f1 --------------------------------------------------------------------------------------------
+
 
 def test_token_f1_hand_computed_equal_precision_and_recall():
     # "cat sat on mat" vs "cat lay on rug": 2 common of 4 each -> P = R = 1/2 -> F1 = 1/2
@@ -61,18 +67,56 @@ def test_token_f1_is_0_without_common_tokens():
     assert metrics.token_f1("liver", "kidney") == 0.0
 
 
-@pytest.mark.parametrize("prediction, reference, f1", [
-    ("", "", 1.0),
-    ("the", "a.", 1.0),  # both normalise to nothing
-    ("", "liver", 0.0),
-    ("liver", "", 0.0),
-    ("!!!", "liver", 0.0),
-])
+@pytest.mark.parametrize(
+    "prediction, reference, f1",
+    [
+        ("", "", 1.0),
+        ("the", "a.", 1.0),  # both normalise to nothing
+        ("", "liver", 0.0),
+        ("liver", "", 0.0),
+        ("!!!", "liver", 0.0),
+    ],
+)
 def test_token_f1_when_a_side_normalises_to_nothing(prediction, reference, f1):
     assert metrics.token_f1(prediction, reference) == f1
 
 
+# --- content_f1 / content_recall --------------------------------------------------------------------------
+
+QUESTION = "What does insulin do?"  # normalised tokens: what does insulin do
+REFERENCE = "Insulin lowers blood glucose levels."  # content: lowers blood glucose levels
+
+
+def test_content_scores_hand_computed_with_a_repeated_token():
+    # prediction content: lowers glucose and glucose -> common (with multiplicity) lowers, glucose = 2
+    prediction = "Insulin lowers glucose and glucose"
+    assert metrics.content_recall(prediction, REFERENCE, QUESTION) == pytest.approx(2 / 4)
+    assert metrics.content_f1(prediction, REFERENCE, QUESTION) == pytest.approx(0.5)  # P = 2/4, R = 2/4
+
+
+def test_content_scores_give_nothing_for_repeating_the_question():
+    assert (
+        metrics.content_f1(QUESTION, REFERENCE, QUESTION)
+        == metrics.content_recall(QUESTION, REFERENCE, QUESTION)
+        == 0.0
+    )
+    assert metrics.token_f1(QUESTION, REFERENCE) > 0  # where plain F1 gives credit for "insulin"
+
+
+def test_content_scores_ignore_question_tokens_in_the_prediction():
+    assert metrics.content_f1("What does insulin do? lowers blood glucose levels", REFERENCE, QUESTION) == 1.0
+    assert metrics.content_recall("lowers blood glucose levels and more", REFERENCE, QUESTION) == 1.0
+
+
+def test_content_scores_of_a_reference_with_no_content_are_1_only_for_a_prediction_adding_nothing():
+    assert metrics.content_recall("", "Insulin.", "What is insulin?") == 1.0
+    assert metrics.content_f1("insulin", "Insulin.", "What is insulin?") == 1.0
+    assert metrics.content_recall("a hormone", "Insulin.", "What is insulin?") == 0.0
+    assert metrics.content_f1("a hormone", "Insulin.", "What is insulin?") == 0.0
+
+
 # --- rouge_l ---------------------------------------------------------------------------------------------
+
 
 def test_rouge_l_hand_computed_lcs_example():
     # reference a b c d e, prediction a c e x: LCS = a c e (3) -> P = 3/4, R = 3/5 -> F = 2PR/(P+R) = 2/3
@@ -97,6 +141,7 @@ def test_rouge_l_is_0_for_an_empty_prediction_or_no_common_token():
 
 
 # --- per_example_scores / summarize ------------------------------------------------------------------------
+
 
 def test_per_example_scores_give_one_value_per_pair_for_each_metric():
     scores = metrics.per_example_scores(["The liver.", "kidney", "a c e x"], ["liver", "liver", "a b c d e"])

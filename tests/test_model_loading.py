@@ -31,7 +31,9 @@ UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens, co
 FAST_FAILURE_S = 10.0
 
 
-def write_tiny_llama_gguf(path: Path, vocab_size: int = 300, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def write_tiny_llama_gguf(
+    path: Path, vocab_size: int = 300, hidden: int = 32, layers: int = 2, seed: int = 0
+) -> Path:
     """A random-weight llama GGUF (f32) with a byte-fallback tokenizer, written with the gguf package."""
     import gguf
     import numpy as np
@@ -63,15 +65,25 @@ def write_tiny_llama_gguf(path: Path, vocab_size: int = 300, hidden: int = 32, l
     writer.add_eos_token_id(1)
     writer.add_bos_token_id(2)
     writer.add_unk_token_id(3)
-    shapes = {"token_embd.weight": (vocab_size, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab_size, hidden)}
+    shapes = {
+        "token_embd.weight": (vocab_size, hidden),
+        "output_norm.weight": (hidden,),
+        "output.weight": (vocab_size, hidden),
+    }
     for i in range(layers):
-        shapes.update({
-            f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
-            f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (kv_dim, hidden),
-            f"blk.{i}.attn_v.weight": (kv_dim, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
-            f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
-            f"blk.{i}.ffn_down.weight": (hidden, ffn),
-        })
+        shapes.update(
+            {
+                f"blk.{i}.attn_norm.weight": (hidden,),
+                f"blk.{i}.ffn_norm.weight": (hidden,),
+                f"blk.{i}.attn_q.weight": (hidden, hidden),
+                f"blk.{i}.attn_k.weight": (kv_dim, hidden),
+                f"blk.{i}.attn_v.weight": (kv_dim, hidden),
+                f"blk.{i}.attn_output.weight": (hidden, hidden),
+                f"blk.{i}.ffn_gate.weight": (ffn, hidden),
+                f"blk.{i}.ffn_up.weight": (ffn, hidden),
+                f"blk.{i}.ffn_down.weight": (hidden, ffn),
+            }
+        )
     for name, shape in shapes.items():
         writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
     writer.write_header_to_file()
@@ -87,7 +99,9 @@ def assert_frozen_eager_eval(model):
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_resolve_model_source_classifies_hub_local_kaggle_gguf_and_embedded(tiny_model_dir, tmp_path, monkeypatch):
+def test_resolve_model_source_classifies_hub_local_kaggle_gguf_and_embedded(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv("DP_LORA_CACHE", str(tmp_path / "cache"))
     gguf_path = tmp_path / "weights" / "model.gguf"
     gguf_path.parent.mkdir()
@@ -99,14 +113,26 @@ def test_resolve_model_source_classifies_hub_local_kaggle_gguf_and_embedded(tiny
     assert (local["kind"], Path(local["path"])) == ("local", Path(tiny_model_dir).resolve())
     kaggle = resolve_model_source("kaggle:google/vaultgemma/transformers/1b/2")
     assert (kaggle["kind"], kaggle["path"]) == ("kaggle", "google/vaultgemma/transformers/1b/2")
-    assert resolve_model_source("kaggle:google/vaultgemma/transformers/1b")["path"] == "google/vaultgemma/transformers/1b"
+    assert (
+        resolve_model_source("kaggle:google/vaultgemma/transformers/1b")["path"]
+        == "google/vaultgemma/transformers/1b"
+    )
     gguf = resolve_model_source(str(gguf_path))
-    assert (gguf["kind"], gguf["path"], gguf["gguf_file"]) == ("gguf", str(gguf_path.parent.resolve()), "model.gguf")
+    assert (gguf["kind"], gguf["path"], gguf["gguf_file"]) == (
+        "gguf",
+        str(gguf_path.parent.resolve()),
+        "model.gguf",
+    )
     embedded = resolve_model_source(EMBEDDED_MODEL)
     assert (embedded["kind"], embedded["path"]) == ("embedded", str(tmp_path / "cache" / EMBEDDED_MODEL))
 
-    for bad in ["kaggle:google/vaultgemma", "kaggle:google/vaultgemma/transformers/1b/latest", str(tmp_path / "missing.gguf"),
-                str(tmp_path / "no_such_dir"), str(tmp_path)]:  # tmp_path exists but has no config.json
+    for bad in [
+        "kaggle:google/vaultgemma",
+        "kaggle:google/vaultgemma/transformers/1b/latest",
+        str(tmp_path / "missing.gguf"),
+        str(tmp_path / "no_such_dir"),
+        str(tmp_path),
+    ]:  # tmp_path exists but has no config.json
         with pytest.raises(ModelLoadError):
             resolve_model_source(bad)
 
@@ -169,7 +195,14 @@ def run_loaders_in_fresh_process(models: list[str], env: dict) -> list[tuple[str
     )
     full_env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     full_env.update(PYTHONPATH=str(REPO), **env)
-    done = subprocess.run([sys.executable, "-c", script, *models], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *models],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     results = [line.split(" ", 2)[1:] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and len(results) == len(models), done.stderr[-2000:]
     return [(result, float(seconds)) for seconds, result in results]
@@ -200,7 +233,11 @@ def test_uncached_hub_model_fails_fast_with_hf_hub_offline(monkeypatch):
         with pytest.raises(ModelLoadError) as error:
             load(UNCACHED_HUB_ID)
         assert time.monotonic() - started < FAST_FAILURE_S
-        assert EMBEDDED_MODEL in str(error.value) and "HF_HUB_OFFLINE" in str(error.value) and "\n" not in str(error.value)
+        assert (
+            EMBEDDED_MODEL in str(error.value)
+            and "HF_HUB_OFFLINE" in str(error.value)
+            and "\n" not in str(error.value)
+        )
 
 
 def test_hub_unreachable_reason_names_offline_flag_or_endpoint(monkeypatch):
@@ -211,10 +248,14 @@ def test_hub_unreachable_reason_names_offline_flag_or_endpoint(monkeypatch):
     assert UNREACHABLE_ENDPOINT in hub_unreachable_reason()
 
 
-@pytest.mark.parametrize("handle", ["kaggle:google/vaultgemma/transformers/1b", "kaggle:google/vaultgemma/transformers/1b/2"])
+@pytest.mark.parametrize(
+    "handle", ["kaggle:google/vaultgemma/transformers/1b", "kaggle:google/vaultgemma/transformers/1b/2"]
+)
 def test_uncached_kaggle_handle_fails_fast_offline(monkeypatch, tmp_path, handle):
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "kagglehub"))
-    monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "TEST")  # kagglesdk's localhost:7777 endpoint: never the internet
+    monkeypatch.setenv(
+        "KAGGLE_API_ENVIRONMENT", "TEST"
+    )  # kagglesdk's localhost:7777 endpoint: never the internet
     for load in (load_tokenizer, load_base_model):
         started = time.monotonic()
         with pytest.raises(ModelLoadError) as error:
@@ -224,7 +265,8 @@ def test_uncached_kaggle_handle_fails_fast_offline(monkeypatch, tmp_path, handle
 
 
 def test_cached_kaggle_handle_loads_offline(tiny_model_dir, monkeypatch, tmp_path):
-    # the layout kagglehub 1.0.3 writes: <cache>/models/<owner>/<model>/<framework>/<variation>/<version>/ + <version>.complete
+    # the layout kagglehub 1.0.3 writes: <cache>/models/<owner>/<model>/<framework>/<variation>/<version>/ +
+    # <version>.complete
     cache = tmp_path / "kagglehub"
     variation = cache / "models" / "google" / "vaultgemma" / "transformers" / "tiny"
     shutil.copytree(tiny_model_dir, variation / "3")
@@ -233,7 +275,10 @@ def test_cached_kaggle_handle_loads_offline(tiny_model_dir, monkeypatch, tmp_pat
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(cache))
     monkeypatch.setenv("KAGGLE_API_ENVIRONMENT", "TEST")
 
-    for handle in ("kaggle:google/vaultgemma/transformers/tiny/3", "kaggle:google/vaultgemma/transformers/tiny"):
+    for handle in (
+        "kaggle:google/vaultgemma/transformers/tiny/3",
+        "kaggle:google/vaultgemma/transformers/tiny",
+    ):
         tokenizer = load_tokenizer(handle)
         model = load_base_model(handle, device="cpu")
         assert_frozen_eager_eval(model)
@@ -295,7 +340,7 @@ def test_embedded_gemma3_270m_converts_once_and_answers_greedily():
     prompt = tokenizer("Question: What is the function of insulin?\nAnswer:", return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(output[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)
     assert answer.strip()
 
 

@@ -70,7 +70,9 @@ def assert_honest(reported: float, target: float, pld: float, rdp: float, accoun
     assert reported <= target
     assert reported >= pld - TOLERANCE, f"reported epsilon {reported} is below dp_accounting's PLD {pld}"
     if accountant == "prv":
-        assert reported <= pld + OPACUS_PRV_ERROR + TOLERANCE, f"reported {reported} is far above PLD {pld}: another mechanism?"
+        assert reported <= pld + OPACUS_PRV_ERROR + TOLERANCE, (
+            f"reported {reported} is far above PLD {pld}: another mechanism?"
+        )
     assert rdp >= pld - TOLERANCE
 
 
@@ -78,10 +80,30 @@ def assert_honest(reported: float, target: float, pld: float, rdp: float, accoun
 def tiny_run(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("accounting_run")
     out = root / "out"
-    args = train_dp_lora.parse_args([
-        "--model", tiny_model_dir, "--dataset", write_cards(root / "cards.jsonl", bundled_cards()[:60]), "--output_dir", str(out),
-        "--max_steps", "4", "--logical_batch_size", "8", "--per_device_train_batch_size", "4", "--save_steps", "2",
-        "--eval_steps", "0", "--report_to", "none", "--epsilon", "2"])
+    args = train_dp_lora.parse_args(
+        [
+            "--model",
+            tiny_model_dir,
+            "--dataset",
+            write_cards(root / "cards.jsonl", bundled_cards()[:60]),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--logical_batch_size",
+            "8",
+            "--per_device_train_batch_size",
+            "4",
+            "--save_steps",
+            "2",
+            "--eval_steps",
+            "0",
+            "--report_to",
+            "none",
+            "--epsilon",
+            "2",
+        ]
+    )
     train_dp_lora.main(args)
     return out
 
@@ -91,7 +113,11 @@ def test_training_run_report_matches_dp_accounting(tiny_run):
     (entry,) = report["dp_event"]["events"]
     # the recorded event is the mechanism the run executed: its q, its sigma, one composition per step
     assert entry["count"] == report["steps_taken"] == report["planned_steps"] == 4
-    assert entry["inner"]["sampling_probability"] == report["sample_rate"] == report["expected_batch_size"] / report["n_train"]
+    assert (
+        entry["inner"]["sampling_probability"]
+        == report["sample_rate"]
+        == report["expected_batch_size"] / report["n_train"]
+    )
     assert entry["inner"]["inner"]["noise_multiplier"] == report["noise_multiplier"] > 0
     assert report["sampling"] == "poisson" and report["accountant"] == "prv"
     pld, rdp = independent_epsilons(dp_accounting_event(report["dp_event"]), report["delta"])
@@ -100,7 +126,16 @@ def test_training_run_report_matches_dp_accounting(tiny_run):
 
 
 def test_intermediate_checkpoint_report_matches_dp_accounting(tiny_run):
-    report = json.loads((tiny_run / "private_run_record" / "checkpoints" / "step_000002" / "adapter" / "privacy_report.json").read_text())
+    report = json.loads(
+        (
+            tiny_run
+            / "private_run_record"
+            / "checkpoints"
+            / "step_000002"
+            / "adapter"
+            / "privacy_report.json"
+        ).read_text()
+    )
     assert report["steps_taken"] == 2 and report["dp_event"]["events"][0]["count"] == 2
     pld, rdp = independent_epsilons(dp_accounting_event(report["dp_event"]), report["delta"])
     assert_honest(report["epsilon"], report["target_epsilon"], pld, rdp, "prv")
@@ -111,7 +146,13 @@ def test_intermediate_checkpoint_report_matches_dp_accounting(tiny_run):
     [
         (2.0, 1e-5, 0.1, 100, "prv"),
         (1.0, 1e-5, 0.01, 500, "prv"),
-        (3.0, 1 / (10 * 30_000), 64 / 30_000, 470, "prv"),  # one epoch of the hub data at the default batch and delta
+        (
+            3.0,
+            1 / (10 * 30_000),
+            64 / 30_000,
+            470,
+            "prv",
+        ),  # one epoch of the hub data at the default batch and delta
         (2.0, 1e-5, 0.05, 200, "rdp"),
     ],
     ids=["q0.1-T100", "q0.01-T500-eps1", "hub-1-epoch", "rdp-accountant"],
@@ -134,7 +175,11 @@ def test_logged_epsilon_never_understates_and_is_exact_every_k_steps_and_at_the_
         exact = accountant.get_epsilon(delta)
         value = logged.after(step)
         assert value >= exact - 1e-12
-        if step % 5 == 0 or step == last:  # the same fp64 computation on the same history: equal (rel 1e-12 spare)
+        if (
+            step % 5 == 0 or step == last
+        ):  # the same fp64 computation on the same history: equal (rel 1e-12 spare)
             assert value == pytest.approx(exact, rel=1e-12)
         else:  # the next exact step's epsilon, capped at the last step
-            assert value == pytest.approx(privacy.epsilon_after(min(-(-step // 5) * 5, last), sigma, q, delta, "rdp"), rel=1e-12)
+            assert value == pytest.approx(
+                privacy.epsilon_after(min(-(-step // 5) * 5, last), sigma, q, delta, "rdp"), rel=1e-12
+            )

@@ -48,7 +48,10 @@ def lora_model(model_dir, per_sample: bool):
     from utils.model_loading import load_base_model
 
     base = load_base_model(model_dir, dtype=torch.float64, device="cpu")
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
     generator = torch.Generator().manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:
@@ -79,10 +82,25 @@ def clip(rows: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return rows * (max_grad_norm / (rows.norm(dim=1) + 1e-6)).clamp(max=1.0).unsqueeze(1)
 
 
-def dp_step_grad(model, params, batches, *, noise_multiplier, max_grad_norm, expected_batch_size, accountant=None, sample_rate=None):
+def dp_step_grad(
+    model,
+    params,
+    batches,
+    *,
+    noise_multiplier,
+    max_grad_norm,
+    expected_batch_size,
+    accountant=None,
+    sample_rate=None,
+):
     """The flat p.grad DPOptimizer hands the inner optimizer for one logical batch split into `batches`."""
-    optimizer = privacy.make_dp_optimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier, max_grad_norm, expected_batch_size,
-                                          generator=torch.Generator().manual_seed(0))
+    optimizer = privacy.make_dp_optimizer(
+        torch.optim.SGD(params, lr=0.0),
+        noise_multiplier,
+        max_grad_norm,
+        expected_batch_size,
+        generator=torch.Generator().manual_seed(0),
+    )
     if accountant is not None:
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     optimizer.zero_grad(set_to_none=True)
@@ -125,7 +143,9 @@ def test_per_sample_gradients_match_a_brute_force_per_example_loop(hooked, plain
         per_example_loss(ref_model, batch_of(tiny_tokenizer, [ex])).sum().backward()
         reference = torch.cat([p.grad.reshape(-1) for p in ref_params])
         assert reference.norm() > 0
-        assert_close_scaled(grads[i], reference, GRAD_ULPS_FP32, eps=FP32_EPS, why="a row alone vs in the batch: fp32-limited")
+        assert_close_scaled(
+            grads[i], reference, GRAD_ULPS_FP32, eps=FP32_EPS, why="a row alone vs in the batch: fp32-limited"
+        )
 
 
 def removal_error(model, params, tiny_tokenizer, cards) -> float:
@@ -137,17 +157,34 @@ def removal_error(model, params, tiny_tokenizer, cards) -> float:
 
 
 @pytest.mark.numerics
-def test_removing_or_lengthening_one_example_never_changes_another_examples_clipped_gradient(hooked, tiny_tokenizer, cards):
+def test_removing_or_lengthening_one_example_never_changes_another_examples_clipped_gradient(
+    hooked, tiny_tokenizer, cards
+):
     model, params = hooked
-    assert removal_error(model, params, tiny_tokenizer, cards) <= GRAD_ULPS_FP32  # other batch shape: fp32-limited
+    assert (
+        removal_error(model, params, tiny_tokenizer, cards) <= GRAD_ULPS_FP32
+    )  # other batch shape: fp32-limited
     exs = examples(tiny_tokenizer, cards)
     clipped = clip(per_sample_grads(model, params, batch_of(tiny_tokenizer, exs)), max_grad_norm=1e-2)
-    longer = dict(cards[0], output=cards[0]["output"] + " " + " ".join(c["output"] for c in cards))  # now the longest: more padding for all
+    longer = dict(
+        cards[0], output=cards[0]["output"] + " " + " ".join(c["output"] for c in cards)
+    )  # now the longest: more padding for all
     widths = [len(e["input_ids"]) for e in examples(tiny_tokenizer, [longer] + cards[1:])]
-    assert widths[0] > max(widths[1:]) + model.get_base_model().config.sliding_window  # some pads see only pads in their window
-    lengthened = clip(per_sample_grads(model, params, batch_of(tiny_tokenizer, examples(tiny_tokenizer, [longer] + cards[1:]))), 1e-2)
-    assert scaled_error(lengthened[0], clipped[0], FP32_EPS) > 1e4 * GRAD_ULPS_FP32  # its own gradient did change (3.7e6)
-    assert_close_scaled(lengthened[1:], clipped[1:], GRAD_ULPS_FP32, eps=FP32_EPS, why="wider padding: fp32-limited")
+    assert (
+        widths[0] > max(widths[1:]) + model.get_base_model().config.sliding_window
+    )  # some pads see only pads in their window
+    lengthened = clip(
+        per_sample_grads(
+            model, params, batch_of(tiny_tokenizer, examples(tiny_tokenizer, [longer] + cards[1:]))
+        ),
+        1e-2,
+    )
+    assert (
+        scaled_error(lengthened[0], clipped[0], FP32_EPS) > 1e4 * GRAD_ULPS_FP32
+    )  # its own gradient did change (3.7e6)
+    assert_close_scaled(
+        lengthened[1:], clipped[1:], GRAD_ULPS_FP32, eps=FP32_EPS, why="wider padding: fp32-limited"
+    )
 
 
 @pytest.mark.numerics
@@ -163,7 +200,9 @@ def test_removal_check_catches_rows_that_see_each_other(hooked, tiny_tokenizer, 
 
     handle = model.get_base_model().model.layers[0].register_forward_hook(mix)
     try:
-        assert removal_error(model, params, tiny_tokenizer, cards) >= 1000 * GRAD_ULPS_FP32  # measured 7.4e4 ulps: 4.6e3 x
+        assert (
+            removal_error(model, params, tiny_tokenizer, cards) >= 1000 * GRAD_ULPS_FP32
+        )  # measured 7.4e4 ulps: 4.6e3 x
     finally:
         handle.remove()
 
@@ -172,48 +211,88 @@ def test_removal_check_catches_rows_that_see_each_other(hooked, tiny_tokenizer, 
 def test_removing_one_example_changes_the_summed_clipped_gradient_by_at_most_C(hooked, tiny_tokenizer, cards):
     model, params = hooked
     exs, max_grad_norm = examples(tiny_tokenizer, cards), 1e-2
-    assert (per_sample_grads(model, params, batch_of(tiny_tokenizer, exs)).norm(dim=1) > max_grad_norm).all()  # clipping is active
+    assert (
+        per_sample_grads(model, params, batch_of(tiny_tokenizer, exs)).norm(dim=1) > max_grad_norm
+    ).all()  # clipping is active
     # Exactly, the difference is example j's clipped gradient, of norm C n / (n + 1e-6) < C (Opacus's 1e-6; n ~ 0.02
     # here, so 5e-5 C below C, observed). The other 5 rows' clipped gradients may move by GRAD_ULPS_FP32 fp32 ulps each
     # (another batch shape): the budget is C (1 + 5 * 16 * eps32) = C (1 + 1e-5). Without clipping: n / C = 1.5-2.1.
     budget = 1 + (len(exs) - 1) * GRAD_ULPS_FP32 * FP32_EPS
-    assert max(summed_clipped_gradient_sensitivity(model, params, tiny_tokenizer, exs, max_grad_norm)) <= budget
+    assert (
+        max(summed_clipped_gradient_sensitivity(model, params, tiny_tokenizer, exs, max_grad_norm)) <= budget
+    )
     # the check catches a step that does not clip (clipping at 1e9): 1.5-2.1 C, i.e. 5e4-1e5 x the budget's slack
-    unclipped = summed_clipped_gradient_sensitivity(model, params, tiny_tokenizer, exs, max_grad_norm, clip_at=1e9)
+    unclipped = summed_clipped_gradient_sensitivity(
+        model, params, tiny_tokenizer, exs, max_grad_norm, clip_at=1e9
+    )
     assert min(unclipped) - 1 >= 1e4 * (budget - 1)
 
 
-def summed_clipped_gradient_sensitivity(model, params, tiny_tokenizer, exs, max_grad_norm, clip_at=None) -> list[float]:
+def summed_clipped_gradient_sensitivity(
+    model, params, tiny_tokenizer, exs, max_grad_norm, clip_at=None
+) -> list[float]:
     """||summed clipped gradient - the same without example j|| / max_grad_norm, for each j (clipped at clip_at)."""
-    kwargs = dict(noise_multiplier=0.0, max_grad_norm=clip_at or max_grad_norm, expected_batch_size=1)  # p.grad = the clipped sum
+    kwargs = dict(
+        noise_multiplier=0.0, max_grad_norm=clip_at or max_grad_norm, expected_batch_size=1
+    )  # p.grad = the clipped sum
     full = dp_step_grad(model, params, [batch_of(tiny_tokenizer, exs)], **kwargs)
-    return [((full - dp_step_grad(model, params, [batch_of(tiny_tokenizer, exs[:j] + exs[j + 1:])], **kwargs)).norm() / max_grad_norm).item()
-            for j in range(len(exs))]
+    return [
+        (
+            (
+                full
+                - dp_step_grad(model, params, [batch_of(tiny_tokenizer, exs[:j] + exs[j + 1 :])], **kwargs)
+            ).norm()
+            / max_grad_norm
+        ).item()
+        for j in range(len(exs))
+    ]
 
 
 @pytest.mark.numerics
-def test_no_noise_and_no_clipping_equals_the_non_private_step_over_the_expected_batch(hooked, plain, tiny_tokenizer, cards):
+def test_no_noise_and_no_clipping_equals_the_non_private_step_over_the_expected_batch(
+    hooked, plain, tiny_tokenizer, cards
+):
     model, params = hooked
     batch, expected = batch_of(tiny_tokenizer, examples(tiny_tokenizer, cards)), 16  # realised 6, expected 16
-    dp_grad = dp_step_grad(model, params, [batch], noise_multiplier=0.0, max_grad_norm=1e9, expected_batch_size=expected)
+    dp_grad = dp_step_grad(
+        model, params, [batch], noise_multiplier=0.0, max_grad_norm=1e9, expected_batch_size=expected
+    )
     ref_model, ref_params = plain
     ref_model.zero_grad(set_to_none=True)
     (per_example_loss(ref_model, batch).sum() / expected).backward()  # train_dp_lora's --disable_dp loss
     # same batch, same fp32 steps: fp64-limited (SAME_BATCH_ULPS_FP64); dividing by the realised 6 errs by 7.5e15 ulps
-    assert_close_scaled(dp_grad, torch.cat([p.grad.reshape(-1) for p in ref_params]), SAME_BATCH_ULPS_FP64, eps=FP64_EPS,
-                        why="same batch: per-sample sums vs one matmul, in fp64")
+    assert_close_scaled(
+        dp_grad,
+        torch.cat([p.grad.reshape(-1) for p in ref_params]),
+        SAME_BATCH_ULPS_FP64,
+        eps=FP64_EPS,
+        why="same batch: per-sample sums vs one matmul, in fp64",
+    )
 
 
 @pytest.mark.numerics
-def test_divisor_is_the_expected_batch_size_not_the_realised_one_even_across_physical_batches(hooked, tiny_tokenizer, cards):
+def test_divisor_is_the_expected_batch_size_not_the_realised_one_even_across_physical_batches(
+    hooked, tiny_tokenizer, cards
+):
     model, params = hooked
     exs, max_grad_norm, expected = examples(tiny_tokenizer, cards), 1e-2, 16
     clipped_sum = clip(per_sample_grads(model, params, batch_of(tiny_tokenizer, exs)), max_grad_norm).sum(0)
     accountant = privacy.make_accountant("prv")
-    split = dp_step_grad(model, params, [batch_of(tiny_tokenizer, exs[:2]), batch_of(tiny_tokenizer, exs[2:])], noise_multiplier=0.0,
-                         max_grad_norm=max_grad_norm, expected_batch_size=expected, accountant=accountant, sample_rate=0.25)
-    # other physical batches: fp32-limited (observed 6e-4 ulps); / 6 or / (16 * 2 physical batches) err by 1.4e7 or 6e6 ulps
-    assert_close_scaled(split, clipped_sum / expected, GRAD_ULPS_FP32, eps=FP32_EPS, why="2 + 4 rows vs 6 rows: fp32-limited")
+    split = dp_step_grad(
+        model,
+        params,
+        [batch_of(tiny_tokenizer, exs[:2]), batch_of(tiny_tokenizer, exs[2:])],
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected,
+        accountant=accountant,
+        sample_rate=0.25,
+    )
+    # other physical batches: fp32-limited (observed 6e-4 ulps); / 6 or / (16 * 2 physical batches) err by
+    # 1.4e7 or 6e6 ulps
+    assert_close_scaled(
+        split, clipped_sum / expected, GRAD_ULPS_FP32, eps=FP32_EPS, why="2 + 4 rows vs 6 rows: fp32-limited"
+    )
     assert accountant.history == [(0.0, 0.25, 1)]  # two physical batches are one step at the logical q
 
 
@@ -221,19 +300,29 @@ def test_divisor_is_the_expected_batch_size_not_the_realised_one_even_across_phy
 def test_nonfinite_example_contributes_zero_to_the_step(hooked, tiny_tokenizer, cards):
     model, params = hooked
     exs, max_grad_norm = examples(tiny_tokenizer, cards), 1e-2
-    expected = clip(per_sample_grads(model, params, batch_of(tiny_tokenizer, [exs[i] for i in (0, 2, 4, 5)])), max_grad_norm).sum(0)
+    expected = clip(
+        per_sample_grads(model, params, batch_of(tiny_tokenizer, [exs[i] for i in (0, 2, 4, 5)])),
+        max_grad_norm,
+    ).sum(0)
     optimizer = privacy.make_dp_optimizer(torch.optim.SGD(params, lr=0.0), 0.0, max_grad_norm, 1)
     optimizer.zero_grad(set_to_none=True)
     losses = per_example_loss(model, batch_of(tiny_tokenizer, exs))
-    losses = losses * torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0, 1.0], dtype=losses.dtype)  # example 1: NaN loss
+    losses = losses * torch.tensor(
+        [1.0, float("nan"), 1.0, 1.0, 1.0, 1.0], dtype=losses.dtype
+    )  # example 1: NaN loss
     finite = torch.isfinite(losses)
     losses[finite].sum().backward()  # as train_dp_lora does
     params[0].grad_sample[3] = float("inf")  # example 3: finite loss, overflowing gradient
     assert privacy.zero_nonfinite_grad_samples(params, ~finite) == 2
     optimizer.step()
     # 6 rows vs the 4 healthy ones: fp32-limited; a NaN or inf row kept would make it NaN/inf (scaled_error: inf)
-    assert_close_scaled(torch.cat([p.grad.reshape(-1) for p in params]), expected, GRAD_ULPS_FP32, eps=FP32_EPS,
-                        why="6 rows vs the 4 healthy ones: fp32-limited")
+    assert_close_scaled(
+        torch.cat([p.grad.reshape(-1) for p in params]),
+        expected,
+        GRAD_ULPS_FP32,
+        eps=FP32_EPS,
+        why="6 rows vs the 4 healthy ones: fp32-limited",
+    )
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -278,18 +367,28 @@ def test_no_row_contributes_twice_to_one_step():
         drawn = sampler.draw(t)
         assert len(set(drawn)) == len(drawn)
         physical = privacy.physical_batches(drawn, lengths, per_device_batch_size=7)
-        assert sorted(i for b in physical for i in b) == sorted(drawn)  # a partition: each drawn row exactly once
+        assert sorted(i for b in physical for i in b) == sorted(
+            drawn
+        )  # a partition: each drawn row exactly once
 
 
 # -----------------------------------------------------------------------------
 # noise
 
 
-def noise_only_step(noise_multiplier, max_grad_norm, expected_batch_size, size, secure_mode, generator=None) -> torch.Tensor:
+def noise_only_step(
+    noise_multiplier, max_grad_norm, expected_batch_size, size, secure_mode, generator=None
+) -> torch.Tensor:
     """The update direction DPOptimizer produces when every per-sample gradient is zero: pure noise / B."""
     param = torch.nn.Parameter(torch.zeros(size))
-    optimizer = privacy.make_dp_optimizer(torch.optim.SGD([param], lr=0.0), noise_multiplier, max_grad_norm,
-                                          expected_batch_size, generator=generator, secure_mode=secure_mode)
+    optimizer = privacy.make_dp_optimizer(
+        torch.optim.SGD([param], lr=0.0),
+        noise_multiplier,
+        max_grad_norm,
+        expected_batch_size,
+        generator=generator,
+        secure_mode=secure_mode,
+    )
     param.grad_sample = torch.zeros(3, size)
     optimizer.step()
     assert param.grad.dtype == torch.float32
@@ -321,7 +420,10 @@ def test_secure_noise_is_gaussian_with_std_sigma_C():
     # outside its central 1 - 2e-6 range fails. (Anderson-Darling's tables stop at p = 0.001: a 1e-3 false failure.)
     for t in (2.0, 3.0, 4.0):
         tail = 2 * scipy.stats.norm.sf(t)
-        low, high = scipy.stats.binom.ppf(1e-6, len(draws), tail), scipy.stats.binom.isf(1e-6, len(draws), tail)
+        low, high = (
+            scipy.stats.binom.ppf(1e-6, len(draws), tail),
+            scipy.stats.binom.isf(1e-6, len(draws), tail),
+        )
         assert low <= (np.abs(draws) > t * scale).sum() <= high, t
 
 
@@ -339,7 +441,9 @@ def test_secure_noise_does_not_follow_torch_seeds_and_refuses_a_generator():
 
 @pytest.mark.numerics
 def test_secure_noise_is_drawn_in_fp32_over_a_bf16_base(tiny_model_dir, tiny_tokenizer, cards):
-    args = train_dp_lora.parse_args(["--model", tiny_model_dir, "--dtype", "bfloat16", "--lora_dropout", "0", "--secure_mode"])
+    args = train_dp_lora.parse_args(
+        ["--model", tiny_model_dir, "--dtype", "bfloat16", "--lora_dropout", "0", "--secure_mode"]
+    )
     model = train_dp_lora.build_model(args, tiny_tokenizer, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
@@ -371,10 +475,16 @@ def test_delta_must_be_below_one_over_n():
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_step_budget_is_the_last_step_within_the_target(accountant):
     epsilon, q, planned = 2.0, 0.05, 200
-    sigma = 0.8 * privacy.calibrate_noise(epsilon, DELTA, q, planned, accountant)  # too little noise for all planned steps
+    sigma = 0.8 * privacy.calibrate_noise(
+        epsilon, DELTA, q, planned, accountant
+    )  # too little noise for all planned steps
     budget = privacy.step_budget(epsilon, DELTA, sigma, q, accountant, planned)
     assert 0 < budget < planned
-    assert privacy.epsilon_after(budget, sigma, q, DELTA, accountant) <= epsilon < privacy.epsilon_after(budget + 1, sigma, q, DELTA, accountant)
+    assert (
+        privacy.epsilon_after(budget, sigma, q, DELTA, accountant)
+        <= epsilon
+        < privacy.epsilon_after(budget + 1, sigma, q, DELTA, accountant)
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -395,7 +505,11 @@ def instrumented_run(tiny_model_dir, tmp_path_factory):
     cards_file = write_cards(root / "cards.jsonl", bundled_cards()[:60])
     out = root / "out"
     logged, loss_calls = [], []
-    real_log, real_draw, real_loss = accelerate.Accelerator.log, privacy.PoissonSampler.draw, training.per_example_loss
+    real_log, real_draw, real_loss = (
+        accelerate.Accelerator.log,
+        privacy.PoissonSampler.draw,
+        training.per_example_loss,
+    )
 
     def record_log(self, values, step=None, log_kwargs=None):
         logged.append((step, dict(values)))
@@ -416,15 +530,47 @@ def instrumented_run(tiny_model_dir, tmp_path_factory):
         patch.setattr(accelerate.Accelerator, "log", record_log)
         patch.setattr(privacy.PoissonSampler, "draw", draw)
         patch.setattr(training, "per_example_loss", loss_with_one_nan)
-        args = train_dp_lora.parse_args([
-            "--model", tiny_model_dir, "--dataset", cards_file, "--output_dir", str(out), "--max_steps", str(STEPS),
-            "--logical_batch_size", str(LOGICAL), "--per_device_train_batch_size", str(PHYSICAL), "--eval_steps", "2",
-            "--save_steps", "0", "--save_loss_threshold", "1e9", "--report_to", "none", "--epsilon", "3"])
+        args = train_dp_lora.parse_args(
+            [
+                "--model",
+                tiny_model_dir,
+                "--dataset",
+                cards_file,
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                str(STEPS),
+                "--logical_batch_size",
+                str(LOGICAL),
+                "--per_device_train_batch_size",
+                str(PHYSICAL),
+                "--eval_steps",
+                "2",
+                "--save_steps",
+                "0",
+                "--save_loss_threshold",
+                "1e9",
+                "--report_to",
+                "none",
+                "--epsilon",
+                "3",
+            ]
+        )
         results = train_dp_lora.main(args)
     report = json.loads((out / "adapter" / "privacy_report.json").read_text())
-    natural_empty = sum(len(real_draw(privacy.PoissonSampler(report["n_train"], report["sample_rate"], 42), t)) == 0
-                        for t in range(STEPS) if t != EMPTY_STEP)
-    return {"out": out, "results": results, "report": report, "logged": logged, "loss_calls": loss_calls, "empty": 1 + natural_empty}
+    natural_empty = sum(
+        len(real_draw(privacy.PoissonSampler(report["n_train"], report["sample_rate"], 42), t)) == 0
+        for t in range(STEPS)
+        if t != EMPTY_STEP
+    )
+    return {
+        "out": out,
+        "results": results,
+        "report": report,
+        "logged": logged,
+        "loss_calls": loss_calls,
+        "empty": 1 + natural_empty,
+    }
 
 
 def read_json(path):
@@ -442,18 +588,33 @@ def test_accountant_steps_equal_optimizer_steps_at_the_logical_q_despite_physica
     q = LOGICAL / report["n_train"]
     assert report["sample_rate"] == q and report["steps_taken"] == STEPS
     assert len(instrumented_run["loss_calls"]) > STEPS  # several physical batches per logical step happened
-    state = read_json(instrumented_run["out"] / "private_run_record" / "checkpoints" / f"step_{STEPS:06d}" / "privacy_record.json")
-    assert state["accountant_history"] == [[report["noise_multiplier"], q, STEPS]]  # one entry per step, empty step included
+    state = read_json(
+        instrumented_run["out"]
+        / "private_run_record"
+        / "checkpoints"
+        / f"step_{STEPS:06d}"
+        / "privacy_record.json"
+    )
+    assert state["accountant_history"] == [
+        [report["noise_multiplier"], q, STEPS]
+    ]  # one entry per step, empty step included
     event = report["dp_event"]["events"]
     assert len(event) == 1 and event[0]["count"] == STEPS
-    assert event[0]["inner"]["sampling_probability"] == q and event[0]["inner"]["inner"]["noise_multiplier"] == report["noise_multiplier"]
+    assert (
+        event[0]["inner"]["sampling_probability"] == q
+        and event[0]["inner"]["inner"]["noise_multiplier"] == report["noise_multiplier"]
+    )
 
 
 def test_empty_poisson_draw_is_a_counted_noise_only_step(instrumented_run):
     logged = instrumented_run["logged"]
-    assert instrumented_run["results"]["counters"]["empty_steps"] == instrumented_run["empty"]  # private record only
+    assert (
+        instrumented_run["results"]["counters"]["empty_steps"] == instrumented_run["empty"]
+    )  # private record only
     losses = {step: values["train/loss"] for step, values in logged if "privacy/epsilon" in values}
-    assert sorted(losses) == list(range(1, STEPS + 1))  # every step, the empty one included, is logged with its epsilon
+    assert sorted(losses) == list(
+        range(1, STEPS + 1)
+    )  # every step, the empty one included, is logged with its epsilon
     assert math.isnan(losses[EMPTY_STEP + 1])  # no row drawn: no loss to report
 
 
@@ -467,8 +628,15 @@ def test_nan_loss_example_is_left_out_and_reported(instrumented_run):
 
 def test_final_epsilon_is_within_the_target(instrumented_run):
     report = instrumented_run["report"]
-    assert report["epsilon"] <= report["target_epsilon"] == 3.0 and not instrumented_run["results"]["stopped_by_budget"]
-    assert report["epsilon"] == pytest.approx(privacy.epsilon_after(STEPS, report["noise_multiplier"], report["sample_rate"], report["delta"], "prv"))
+    assert (
+        report["epsilon"] <= report["target_epsilon"] == 3.0
+        and not instrumented_run["results"]["stopped_by_budget"]
+    )
+    assert report["epsilon"] == pytest.approx(
+        privacy.epsilon_after(
+            STEPS, report["noise_multiplier"], report["sample_rate"], report["delta"], "prv"
+        )
+    )
 
 
 def test_released_adapters_are_the_last_steps_not_a_loss_selected_checkpoint(instrumented_run):
@@ -476,15 +644,32 @@ def test_released_adapters_are_the_last_steps_not_a_loss_selected_checkpoint(ins
     released = adapter_tensors(out / "adapter")
     last = adapter_tensors(out / "private_run_record" / "checkpoints" / f"step_{STEPS:06d}" / "adapter")
     assert released.keys() == last.keys() and all(torch.equal(released[k], last[k]) for k in released)
-    selected = read_json(out / "private_run_record" / "checkpoints" / "step_000002" / "adapter" / "privacy_report.json")
-    assert selected["selected_on_private_data"] and selected["steps_taken"] == 2 and "--save_loss_threshold" in selected["selection"]
-    assert any(not torch.equal(released[k], t) for k, t in adapter_tensors(out / "private_run_record" / "checkpoints" / "step_000002" / "adapter").items())
+    selected = read_json(
+        out / "private_run_record" / "checkpoints" / "step_000002" / "adapter" / "privacy_report.json"
+    )
+    assert (
+        selected["selected_on_private_data"]
+        and selected["steps_taken"] == 2
+        and "--save_loss_threshold" in selected["selection"]
+    )
+    assert any(
+        not torch.equal(released[k], t)
+        for k, t in adapter_tensors(
+            out / "private_run_record" / "checkpoints" / "step_000002" / "adapter"
+        ).items()
+    )
     assert instrumented_run["report"]["selected_on_private_data"] is False
 
 
 def test_only_the_documented_allowlist_of_metrics_is_logged(instrumented_run):
     keys = set().union(*(values.keys() for _, values in instrumented_run["logged"]))
-    allowlist = {"train/loss", "train/lr", "privacy/epsilon", "privacy/delta", "eval/loss"}  # no realised batch size
+    allowlist = {
+        "train/loss",
+        "train/lr",
+        "privacy/epsilon",
+        "privacy/delta",
+        "eval/loss",
+    }  # no realised batch size
     assert keys == allowlist == set(train_dp_lora.LOGGED_METRICS)
     private = {k for k, what in train_dp_lora.LOGGED_METRICS.items() if what.startswith("private:")}
     assert private == {"train/loss", "eval/loss"}
@@ -494,10 +679,29 @@ def test_secure_mode_runs_do_not_follow_the_seed(tiny_model_dir, tmp_path):
     # same arguments and seed twice: the sampling and the noise must differ (they come from the OS CSPRNG)
     adapters = []
     for name in ("a", "b"):
-        args = train_dp_lora.parse_args([
-            "--model", tiny_model_dir, "--dataset", "bundled", "--output_dir", str(tmp_path / name), "--max_steps", "2",
-            "--logical_batch_size", "16", "--per_device_train_batch_size", "16", "--eval_steps", "0", "--save_steps", "0",
-            "--report_to", "none", "--secure_mode"])
+        args = train_dp_lora.parse_args(
+            [
+                "--model",
+                tiny_model_dir,
+                "--dataset",
+                "bundled",
+                "--output_dir",
+                str(tmp_path / name),
+                "--max_steps",
+                "2",
+                "--logical_batch_size",
+                "16",
+                "--per_device_train_batch_size",
+                "16",
+                "--eval_steps",
+                "0",
+                "--save_steps",
+                "0",
+                "--report_to",
+                "none",
+                "--secure_mode",
+            ]
+        )
         train_dp_lora.main(args)
         assert read_json(tmp_path / name / "adapter" / "privacy_report.json")["secure_mode"] is True
         adapters.append(adapter_tensors(tmp_path / name / "adapter"))

@@ -10,11 +10,32 @@ from utils import run_dir
 from utils.privacy_record import NOT_COVERED, RELATION
 
 NOISE_SEED = "98765"  # an unusual value, so finding it in a file means the seed leaked
-BUNDLE_FILES = {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json", "NOTICE",
-                "privacy_report.json", "README.md"}
-PRIVATE_KEYS = {"dataset_fingerprint", "hashes", "indices", "examples_drawn", "examples_processed", "nonfinite_examples",
-                "empty_steps", "skipped_empty", "skipped_too_long", "duplicates_dropped", "rows_read", "train/loss",
-                "eval/loss", "dataset", "counters"}
+BUNDLE_FILES = {
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "NOTICE",
+    "privacy_report.json",
+    "README.md",
+}
+PRIVATE_KEYS = {
+    "dataset_fingerprint",
+    "hashes",
+    "indices",
+    "examples_drawn",
+    "examples_processed",
+    "nonfinite_examples",
+    "empty_steps",
+    "skipped_empty",
+    "skipped_too_long",
+    "duplicates_dropped",
+    "rows_read",
+    "train/loss",
+    "eval/loss",
+    "dataset",
+    "counters",
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +67,15 @@ def test_no_bundle_file_holds_a_row_hash_fingerprint_loss_count_or_the_noise_see
     results = json.loads((private / "results.json").read_text())
     summary = json.loads((private / "data_summary.json").read_text())
     cards, _ = clean_rows(bundled_cards()[:60])
-    secrets = {identity["dataset_fingerprint"], *(row_hash(c) for c in cards), summary["dataset"],
-               repr(results["train/loss"]), repr(results["eval/loss"]), f"{results['train/loss']:.4f}", f"{results['eval/loss']:.4f}"}
+    secrets = {
+        identity["dataset_fingerprint"],
+        *(row_hash(c) for c in cards),
+        summary["dataset"],
+        repr(results["train/loss"]),
+        repr(results["eval/loss"]),
+        f"{results['train/loss']:.4f}",
+        f"{results['eval/loss']:.4f}",
+    }
     for path in (released / "adapter").iterdir():
         text = path.read_bytes().decode("utf-8", errors="replace")
         for secret in secrets:
@@ -55,12 +83,17 @@ def test_no_bundle_file_holds_a_row_hash_fingerprint_loss_count_or_the_noise_see
         assert not re.search(rf"(?<!\d){NOISE_SEED}(?!\d)", text), path.name
     report = json.loads((released / "adapter" / "privacy_report.json").read_text())
     assert not {k.split(".")[-1] for k in keys_of(report)} & PRIVATE_KEYS
-    assert "seed" not in report and report["split"]["seed"] == 0  # the split key is public; the noise seed is not
+    assert (
+        "seed" not in report and report["split"]["seed"] == 0
+    )  # the split key is public; the noise seed is not
 
 
 def test_private_record_says_what_it_is_and_holds_the_seed_and_losses(released):
     private = released / "private_run_record"
-    assert "PRIVATE RUN RECORD" in (private / "README.txt").read_text() and "NOT cover" in (private / "README.txt").read_text()
+    assert (
+        "PRIVATE RUN RECORD" in (private / "README.txt").read_text()
+        and "NOT cover" in (private / "README.txt").read_text()
+    )
     assert json.loads((private / "args.json").read_text())["training"]["seed"] == int(NOISE_SEED)
     assert "eval/loss" in json.loads((private / "results.json").read_text())
 
@@ -71,8 +104,12 @@ def test_model_card_loads_with_huggingface_hub_and_states_relation_threat_model_
     card = ModelCard.load(released / "adapter" / "README.md")
     metadata = card.data.to_dict()
     assert metadata["library_name"] == "peft" and metadata["license"] == "gemma"
-    assert "differential-privacy" in metadata["tags"] and "base_model" not in metadata  # a local base has no hub id
-    assert ModelCardData(**metadata).to_dict() == metadata  # the metadata is what the hub's schema object accepts
+    assert (
+        "differential-privacy" in metadata["tags"] and "base_model" not in metadata
+    )  # a local base has no hub id
+    assert (
+        ModelCardData(**metadata).to_dict() == metadata
+    )  # the metadata is what the hub's schema object accepts
     text = " ".join(card.text.split())
     report = json.loads((released / "adapter" / "privacy_report.json").read_text())
     assert RELATION in text and "does not know the seed" in text

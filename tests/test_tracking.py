@@ -14,7 +14,10 @@ OTHER_NETRC = "machine example.com\n  login user\n  password secret\n"
 def clean_env(monkeypatch, tmp_path):
     """No W&B key, no W&B mode, and a HOME (hence ~/.netrc) and NETRC that hold nothing."""
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_SILENT", "NETRC"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(
+            name, ""
+        )  # recorded first, so whatever the code under test sets is undone afterwards
+        monkeypatch.delenv(name)
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
@@ -28,6 +31,7 @@ def write_netrc(path, text, mode=0o600):
 
 
 # --- wandb_has_credentials ------------------------------------------------------------------------------------
+
 
 def test_no_key_and_no_netrc_means_no_credentials(clean_env):
     assert tracking.wandb_has_credentials() is False
@@ -62,23 +66,18 @@ def test_unparsable_netrc_is_not_credentials_and_does_not_raise(clean_env):
     assert tracking.wandb_has_credentials() is False
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: W&B reads the netrc file named by $NETRC (wandb/sdk/lib/wbauth/wbnetrc.py), "
-                                       "but wandb_has_credentials uses netrc.netrc(), which only reads ~/.netrc: a login "
-                                       "stored in $NETRC is taken for no credentials and the run is forced offline")
 def test_netrc_named_by_the_netrc_env_var_with_a_wandb_host_is_credentials(clean_env, monkeypatch, tmp_path):
     monkeypatch.setenv("NETRC", str(write_netrc(tmp_path / "custom_netrc", WANDB_NETRC)))
     assert tracking.wandb_has_credentials() is True
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: netrc.netrc() with no file argument refuses a ~/.netrc readable by others "
-                                       "(NetrcParseError 'access too permissive'); W&B passes the path explicitly and "
-                                       "accepts it, so a valid login is taken for no credentials")
 def test_group_readable_netrc_with_a_wandb_host_is_credentials(clean_env):
     write_netrc(clean_env / ".netrc", WANDB_NETRC, mode=0o644)
     assert tracking.wandb_has_credentials() is True
 
 
 # --- prepare_wandb_environment ----------------------------------------------------------------------------------
+
 
 def test_without_credentials_wandb_is_set_offline_and_silent(clean_env):
     assert tracking.prepare_wandb_environment() == "offline"
@@ -103,8 +102,6 @@ def test_dryrun_reports_offline(clean_env, monkeypatch):
     assert tracking.prepare_wandb_environment() == "offline"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (cosmetic): WANDB_MODE=disabled is reported as 'online', so train_dp_lora.py "
-                                       "prints 'W&B: online' for a run that logs nothing")
 def test_disabled_is_not_reported_as_online(clean_env, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert tracking.prepare_wandb_environment() != "online"
@@ -124,6 +121,7 @@ def test_an_explicit_wandb_silent_is_kept(clean_env, monkeypatch):
 
 # --- tracker_init_kwargs / tracker_names ----------------------------------------------------------------------
 
+
 def test_wandb_init_kwargs_put_the_run_under_the_absolute_output_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     kwargs = tracking.tracker_init_kwargs("wandb", "runs/out", job_type="eval")
@@ -136,12 +134,15 @@ def test_other_trackers_get_no_init_kwargs(report_to, tmp_path):
     assert tracking.tracker_init_kwargs(report_to, str(tmp_path), job_type="eval") == {}
 
 
-@pytest.mark.parametrize("report_to, names", [("none", []), ("wandb", ["wandb"]), ("tensorboard", ["tensorboard"])])
+@pytest.mark.parametrize(
+    "report_to, names", [("none", []), ("wandb", ["wandb"]), ("tensorboard", ["tensorboard"])]
+)
 def test_tracker_names_are_empty_for_none_else_the_one_tracker(report_to, names):
     assert tracking.tracker_names(report_to) == names
 
 
 # --- wandb_run_dir ------------------------------------------------------------------------------------------
+
 
 class FakeAccelerator:
     def __init__(self, run=None, error=None):
@@ -158,13 +159,20 @@ def test_wandb_run_dir_is_the_parent_of_the_runs_files_dir():
     assert tracking.wandb_run_dir(FakeAccelerator(run)) == "/out/wandb/offline-run-1"
 
 
-@pytest.mark.parametrize("accelerator", [FakeAccelerator(error=ValueError("no wandb")), FakeAccelerator(error=KeyError("wandb")),
-                                         FakeAccelerator(run=object())])
+@pytest.mark.parametrize(
+    "accelerator",
+    [
+        FakeAccelerator(error=ValueError("no wandb")),
+        FakeAccelerator(error=KeyError("wandb")),
+        FakeAccelerator(run=object()),
+    ],
+)
 def test_wandb_run_dir_is_none_without_a_wandb_run(accelerator):
     assert tracking.wandb_run_dir(accelerator) is None
 
 
 # --- flatten_config -----------------------------------------------------------------------------------------
+
 
 def test_flatten_config_turns_groups_into_flat_scalars_lists_to_strings_and_none_to_empty():
     resolved = {
@@ -174,8 +182,16 @@ def test_flatten_config_turns_groups_into_flat_scalars_lists_to_strings_and_none
         "privacy": {"delta": None, "epsilon": 3.0},
     }
     flat = tracking.flatten_config(resolved)
-    assert flat == {"model": "gemma", "load_in_4bit": False, "dtype": "auto", "lora_r": 8, "lora_dropout": 0.05,
-                    "lora_target_modules": "['q_proj', 'v_proj']", "delta": "", "epsilon": 3.0}
+    assert flat == {
+        "model": "gemma",
+        "load_in_4bit": False,
+        "dtype": "auto",
+        "lora_r": 8,
+        "lora_dropout": 0.05,
+        "lora_target_modules": "['q_proj', 'v_proj']",
+        "delta": "",
+        "epsilon": 3.0,
+    }
     assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
 
 
@@ -187,12 +203,16 @@ def test_flatten_config_keeps_a_top_level_scalar_and_drops_a_top_level_none():
 def test_flatten_config_of_real_training_arguments_is_all_scalars():
     from utils import cli, train_args
 
-    flat = tracking.flatten_config(cli.to_dict(train_args.parse_args(["--lora_target_modules", "q_proj", "v_proj"])))
-    assert flat["lora_target_modules"] == "['q_proj', 'v_proj']" and flat["delta"] == "" and flat["epsilon"] == 3.0
+    flat = tracking.flatten_config(
+        cli.to_dict(train_args.parse_args(["--lora_target_modules", "q_proj", "v_proj"]))
+    )
+    assert (
+        flat["lora_target_modules"] == "['q_proj', 'v_proj']"
+        and flat["delta"] == ""
+        and flat["epsilon"] == 3.0
+    )
     assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (latent, no caller passes one today): a top-level list is kept as a list, "
-                                       "not turned into a string like a list inside a group")
 def test_flatten_config_turns_a_top_level_list_into_a_string():
     assert tracking.flatten_config({"given": ["a", "b"]}) == {"given": "['a', 'b']"}

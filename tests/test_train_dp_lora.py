@@ -10,8 +10,20 @@ import train_dp_lora
 from conftest import FP32_EPS, assert_close_scaled
 from utils import privacy, training
 
-FAST = ["--dataset", "bundled", "--logical_batch_size", "16", "--per_device_train_batch_size", "8",
-        "--eval_steps", "0", "--report_to", "none", "--epsilon", "3"]
+FAST = [
+    "--dataset",
+    "bundled",
+    "--logical_batch_size",
+    "16",
+    "--per_device_train_batch_size",
+    "8",
+    "--eval_steps",
+    "0",
+    "--report_to",
+    "none",
+    "--epsilon",
+    "3",
+]
 
 
 def run(model_dir, out, *extra):
@@ -41,21 +53,40 @@ def test_help_exits_zero_and_shows_every_default(capsys):
         train_dp_lora.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for flag, default in [("--epsilon", "3.0"), ("--delta", "None"), ("--max_grad_norm", "1.0"), ("--lora_r", "8"),
-                          ("--lora_alpha", "16"), ("--lora_dropout", "0.05"), ("--accountant", "prv"),
-                          ("--model", "google/vaultgemma-1b"), ("--dataset", "medalpaca/medical_meadow_medical_flashcards"),
-                          ("--report_to", "wandb"), ("--logical_batch_size", "64"), ("--seed", "42")]:
+    for flag, default in [
+        ("--epsilon", "3.0"),
+        ("--delta", "None"),
+        ("--max_grad_norm", "1.0"),
+        ("--lora_r", "8"),
+        ("--lora_alpha", "16"),
+        ("--lora_dropout", "0.05"),
+        ("--accountant", "prv"),
+        ("--model", "google/vaultgemma-1b"),
+        ("--dataset", "medalpaca/medical_meadow_medical_flashcards"),
+        ("--report_to", "wandb"),
+        ("--logical_batch_size", "64"),
+        ("--seed", "42"),
+    ]:
         entry = text.split(f" {flag} ", 1)[1].split(" --", 1)[0]
         assert f"(default: {default})" in entry, (flag, entry)
 
 
 def test_run_writes_adapters_args_split_and_privacy_report_within_target(dp_run, tiny_model_dir):
     out, results = dp_run
-    for name in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json", "adapter/NOTICE",
-                 "adapter/privacy_report.json", "adapter/README.md", "private_run_record/README.txt",
-                 "private_run_record/args.json", "private_run_record/data_summary.json", "private_run_record/results.json",
-                 "private_run_record/checkpoints/step_000002/training_state.pt",
-                 "private_run_record/checkpoints/step_000004/privacy_record.json"]:
+    for name in [
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/tokenizer.json",
+        "adapter/NOTICE",
+        "adapter/privacy_report.json",
+        "adapter/README.md",
+        "private_run_record/README.txt",
+        "private_run_record/args.json",
+        "private_run_record/data_summary.json",
+        "private_run_record/results.json",
+        "private_run_record/checkpoints/step_000002/training_state.pt",
+        "private_run_record/checkpoints/step_000004/privacy_record.json",
+    ]:
         assert (out / name).exists(), name
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "private_run_record"]
     report = read(out / "adapter" / "privacy_report.json")
@@ -63,11 +94,15 @@ def test_run_writes_adapters_args_split_and_privacy_report_within_target(dp_run,
     assert 0 < report["epsilon"] <= report["target_epsilon"] == 3.0
     assert report["epsilon"] == results["privacy/epsilon"]
     assert report["sampling"] == "poisson" and report["accountant"] == "prv" and report["dp_enabled"]
-    assert report["sample_rate"] == pytest.approx(16 / report["n_train"])  # one fp64 division: <= 1 ulp, rel 1e-6 is ample
+    assert report["sample_rate"] == pytest.approx(
+        16 / report["n_train"]
+    )  # one fp64 division: <= 1 ulp, rel 1e-6 is ample
     assert report["delta"] < 1 / report["n_train"]
     # the noise was calibrated for exactly these 4 steps at this q (the same deterministic calibration: equal, rel 1e-6
     # spare; one step fewer moves sigma by 1.8%, q = 16/400 by 3%)
-    assert report["noise_multiplier"] == pytest.approx(privacy.calibrate_noise(3.0, report["delta"], report["sample_rate"], 4, "prv"))
+    assert report["noise_multiplier"] == pytest.approx(
+        privacy.calibrate_noise(3.0, report["delta"], report["sample_rate"], 4, "prv")
+    )
     assert report["epsilon_rdp"] >= report["epsilon"]
     assert read(out / "private_run_record" / "args.json")["privacy"]["epsilon"] == 3.0
 
@@ -82,8 +117,12 @@ def test_split_is_recomputable_from_the_bundle_and_no_per_row_record_is_stored(d
     assigned = [assign_split(c, SplitSpec.from_json(report["split"])) for c in cards]
     summary = read(out / "private_run_record" / "data_summary.json")
     assert report["n_train"] == summary["n_train"] == assigned.count("train")  # no row was too long here
-    assert summary["n_test"] == assigned.count("test") and summary["n_validation"] == assigned.count("validation")
-    assert all(not isinstance(v, (list, dict)) for v in summary.values())  # counts only: no indices, no hashes
+    assert summary["n_test"] == assigned.count("test") and summary["n_validation"] == assigned.count(
+        "validation"
+    )
+    assert all(
+        not isinstance(v, (list, dict)) for v in summary.values()
+    )  # counts only: no indices, no hashes
 
 
 def test_adapters_load_with_plain_peft_and_change_the_model(dp_run, tiny_model_dir):
@@ -126,24 +165,42 @@ def test_base_weights_never_change_and_lora_weights_do(tiny_model_dir, tmp_path,
 
 
 @pytest.mark.numerics
-def test_resume_continues_to_the_same_adapters_and_epsilon_as_an_uninterrupted_run(dp_run, tiny_model_dir, tmp_path):
+def test_resume_continues_to_the_same_adapters_and_epsilon_as_an_uninterrupted_run(
+    dp_run, tiny_model_dir, tmp_path
+):
     out, _ = dp_run  # 4 steps with checkpoints at 2 and 4
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    run(tiny_model_dir, resumed, "--max_steps", "4", "--save_steps", "2",
-        "--resume_from_checkpoint", str(out / "private_run_record" / "checkpoints" / "step_000002"))
-    full, cont = read(out / "adapter" / "privacy_report.json"), read(resumed / "adapter" / "privacy_report.json")
+    run(
+        tiny_model_dir,
+        resumed,
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--resume_from_checkpoint",
+        str(out / "private_run_record" / "checkpoints" / "step_000002"),
+    )
+    full, cont = (
+        read(out / "adapter" / "privacy_report.json"),
+        read(resumed / "adapter" / "privacy_report.json"),
+    )
     assert cont["steps_taken"] == full["steps_taken"] == 4
     assert cont["lineage"] == [{"resumed_at_step": 2, "secure_mode": False}] and full["lineage"] == []
-    # the same accountant on the same (sigma, q, steps) history: equal up to fp64 roundings of the PRV composition (rel 1e-9
+    # the same accountant on the same (sigma, q, steps) history: equal up to fp64 roundings of the PRV
+    # composition (rel 1e-9
     # is ~4e6 ulps spare); one step more or less changes epsilon by 3.6-4.6%
     assert cont["epsilon"] == pytest.approx(full["epsilon"], rel=1e-9)
     # epsilon(2 + 2 resumed) == epsilon(4) computed from scratch (a history of 2 + 2 entries vs one of 4: rel 1e-6)
-    assert cont["epsilon"] == pytest.approx(privacy.epsilon_after(4, full["noise_multiplier"], full["sample_rate"], full["delta"], "prv"), rel=1e-6)
+    assert cont["epsilon"] == pytest.approx(
+        privacy.epsilon_after(4, full["noise_multiplier"], full["sample_rate"], full["delta"], "prv"),
+        rel=1e-6,
+    )
     state = read(resumed / "private_run_record" / "checkpoints" / "step_000004" / "privacy_record.json")
     assert sum(h[2] for h in state["accountant_history"]) == 4
     a, b = adapter_tensors(out / "adapter"), adapter_tensors(resumed / "adapter")
-    # bitwise: seeded, the same draws, noise and ops on the same shapes in one process (numerics: rerun at other thread counts)
+    # bitwise: seeded, the same draws, noise and ops on the same shapes in one process (numerics: rerun at
+    # other thread counts)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -154,24 +211,50 @@ def test_resume_latest_picks_the_highest_step(dp_run, tiny_model_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out / "private_run_record" / "checkpoints", copy / "private_run_record" / "checkpoints")
     run(tiny_model_dir, copy, "--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "latest")
-    assert read(copy / "adapter" / "privacy_report.json")["epsilon"] == pytest.approx(read(out / "adapter" / "privacy_report.json")["epsilon"])
+    assert read(copy / "adapter" / "privacy_report.json")["epsilon"] == pytest.approx(
+        read(out / "adapter" / "privacy_report.json")["epsilon"]
+    )
 
 
 RESUME_CHANGES = {  # one change per key resume must refuse: the mechanism, the threat model, the split, model and LoRA
-    "max_grad_norm": ["--max_grad_norm", "0.5"], "sample_rate": ["--logical_batch_size", "8"],
-    "noise_multiplier": ["--epsilon", "8"], "delta": ["--delta", "1e-6"], "planned_steps": ["--max_steps", "5"],
-    "accountant": ["--accountant", "rdp"], "dp_enabled": ["--disable_dp"], "secure_mode": ["--secure_mode"],
-    "split": ["--test_fraction", "0.1"], "split ": ["--validation_fraction", "0.1"], "split  ": ["--train_sample_fraction", "0.9"],
-    "split   ": ["--split_seed", "1"], "max_seq_length": ["--max_seq_length", "200"], "lora": ["--lora_r", "4"],
-    "lora ": ["--lora_target_modules", "q_proj"], "seed": ["--seed", "7"],
+    "max_grad_norm": ["--max_grad_norm", "0.5"],
+    "sample_rate": ["--logical_batch_size", "8"],
+    "noise_multiplier": ["--epsilon", "8"],
+    "delta": ["--delta", "1e-6"],
+    "planned_steps": ["--max_steps", "5"],
+    "accountant": ["--accountant", "rdp"],
+    "dp_enabled": ["--disable_dp"],
+    "secure_mode": ["--secure_mode"],
+    "split": ["--test_fraction", "0.1"],
+    "split ": ["--validation_fraction", "0.1"],
+    "split  ": ["--train_sample_fraction", "0.9"],
+    "split   ": ["--split_seed", "1"],
+    "max_seq_length": ["--max_seq_length", "200"],
+    "lora": ["--lora_r", "4"],
+    "lora ": ["--lora_target_modules", "q_proj"],
+    "seed": ["--seed", "7"],
 }
 
 
-@pytest.mark.parametrize("key", list(RESUME_CHANGES), ids=[f"{k.strip()}:{v[0]}" for k, v in RESUME_CHANGES.items()])
-def test_resume_refuses_a_change_of_mechanism_threat_model_split_model_or_lora(dp_run, tiny_model_dir, tmp_path, key, capsys):
+@pytest.mark.parametrize(
+    "key", list(RESUME_CHANGES), ids=[f"{k.strip()}:{v[0]}" for k, v in RESUME_CHANGES.items()]
+)
+def test_resume_refuses_a_change_of_mechanism_threat_model_split_model_or_lora(
+    dp_run, tiny_model_dir, tmp_path, key, capsys
+):
     out, _ = dp_run
-    argv = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "o"), *FAST, "--max_steps", "4",
-            "--resume_from_checkpoint", str(out / "private_run_record" / "checkpoints" / "step_000002"), *RESUME_CHANGES[key]]
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--output_dir",
+        str(tmp_path / "o"),
+        *FAST,
+        "--max_steps",
+        "4",
+        "--resume_from_checkpoint",
+        str(out / "private_run_record" / "checkpoints" / "step_000002"),
+        *RESUME_CHANGES[key],
+    ]
     assert train_dp_lora.cli_main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
@@ -186,7 +269,17 @@ def test_resume_refuses_another_dataset_and_another_model(dp_run, tiny_model_dir
     out, _ = dp_run
     checkpoint = str(out / "private_run_record" / "checkpoints" / "step_000002")
     other_data = write_cards(tmp_path / "other.jsonl", bundled_cards()[1:])
-    base = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "o"), *FAST, "--max_steps", "4", "--resume_from_checkpoint", checkpoint]
+    base = [
+        "--model",
+        tiny_model_dir,
+        "--output_dir",
+        str(tmp_path / "o"),
+        *FAST,
+        "--max_steps",
+        "4",
+        "--resume_from_checkpoint",
+        checkpoint,
+    ]
     assert train_dp_lora.cli_main([*base, "--dataset", other_data]) == 2
     assert "dataset_fingerprint: checkpoint" in capsys.readouterr().err
     other_model = tmp_path / "other_model"
@@ -204,31 +297,63 @@ def test_budget_guard_stops_before_epsilon_passes_the_target(tiny_model_dir, tmp
     monkeypatch.setattr(privacy, "calibrate_noise", lambda *a, **k: 0.6 * honest(*a, **k))
     run(tiny_model_dir, tmp_path, "--max_steps", "6", "--save_steps", "0")
     report = read(tmp_path / "adapter" / "privacy_report.json")
-    assert read(tmp_path / "private_run_record" / "results.json")["stopped_by_budget"] and report["steps_taken"] < 6
+    assert (
+        read(tmp_path / "private_run_record" / "results.json")["stopped_by_budget"]
+        and report["steps_taken"] < 6
+    )
     assert report["epsilon"] <= 3.0
-    assert privacy.epsilon_after(report["steps_taken"] + 1, report["noise_multiplier"], report["sample_rate"], report["delta"], "prv") > 3.0
+    assert (
+        privacy.epsilon_after(
+            report["steps_taken"] + 1,
+            report["noise_multiplier"],
+            report["sample_rate"],
+            report["delta"],
+            "prv",
+        )
+        > 3.0
+    )
     assert "would take epsilon past the target" in capsys.readouterr().out
 
 
 def test_loss_threshold_checkpoint_is_marked_as_selected_on_private_data(tiny_model_dir, tmp_path):
     run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--save_loss_threshold", "100")
-    selected = read(tmp_path / "private_run_record" / "checkpoints" / "step_000001" / "adapter" / "privacy_report.json")
+    selected = read(
+        tmp_path / "private_run_record" / "checkpoints" / "step_000001" / "adapter" / "privacy_report.json"
+    )
     assert selected["selected_on_private_data"] and "save_loss_threshold" in selected["selection"]
-    assert not read(tmp_path / "adapter" / "privacy_report.json")["selected_on_private_data"]  # the final adapters are the last step's
+    assert not read(tmp_path / "adapter" / "privacy_report.json")[
+        "selected_on_private_data"
+    ]  # the final adapters are the last step's
 
 
 def test_disable_dp_runs_the_same_loop_without_a_guarantee(tiny_model_dir, tmp_path):
     results = run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--disable_dp")
     report = read(tmp_path / "adapter" / "privacy_report.json")
     assert not report["dp_enabled"] and report["noise_multiplier"] == 0.0
-    assert report["epsilon"] is None and report["delta"] is None and report["target_epsilon"] is None  # no claim at all
+    assert (
+        report["epsilon"] is None and report["delta"] is None and report["target_epsilon"] is None
+    )  # no claim at all
     assert report["guarantee"] == "NO privacy guarantee (trained with --disable_dp)"
     assert results["steps"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_bad_arguments_are_all_reported_at_once(capsys):
-    code = train_dp_lora.cli_main(["--epsilon", "0", "--max_grad_norm", "-1", "--lora_r", "0", "--learning_rate", "0",
-                                   "--validation_fraction", "0.6", "--test_fraction", "0.6"])
+    code = train_dp_lora.cli_main(
+        [
+            "--epsilon",
+            "0",
+            "--max_grad_norm",
+            "-1",
+            "--lora_r",
+            "0",
+            "--learning_rate",
+            "0",
+            "--validation_fraction",
+            "0.6",
+            "--test_fraction",
+            "0.6",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     for fragment in ["--epsilon", "--max_grad_norm", "--lora_r", "--learning_rate", "--validation_fraction"]:
@@ -236,7 +361,9 @@ def test_bad_arguments_are_all_reported_at_once(capsys):
 
 
 def test_delta_not_below_one_over_n_is_refused(tiny_model_dir, tmp_path, capsys):
-    code = train_dp_lora.cli_main(["--model", tiny_model_dir, "--output_dir", str(tmp_path), *FAST, "--delta", "0.01"])
+    code = train_dp_lora.cli_main(
+        ["--model", tiny_model_dir, "--output_dir", str(tmp_path), *FAST, "--delta", "0.01"]
+    )
     assert code == 2 and "--delta 0.01 must be in (0, 1/N)" in capsys.readouterr().err
 
 
@@ -253,8 +380,21 @@ def test_wandb_offline_run_records_epsilon_and_loss(tiny_model_dir, tmp_path, mo
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    args = train_dp_lora.parse_args(["--model", tiny_model_dir, "--output_dir", str(tmp_path), *FAST,
-                                     "--max_steps", "2", "--save_steps", "0", "--report_to", "wandb"])
+    args = train_dp_lora.parse_args(
+        [
+            "--model",
+            tiny_model_dir,
+            "--output_dir",
+            str(tmp_path),
+            *FAST,
+            "--max_steps",
+            "2",
+            "--save_steps",
+            "0",
+            "--report_to",
+            "wandb",
+        ]
+    )
     train_dp_lora.main(args)
     out = capsys.readouterr().out
     assert "wandb sync" in out
@@ -273,7 +413,9 @@ def test_4bit_base_trains_lora_adapters_under_dp(tiny_model_dir, tmp_path, monke
 
     captured = {}
     build = train_dp_lora.build_model
-    monkeypatch.setattr(train_dp_lora, "build_model", lambda *a, **k: captured.setdefault("model", build(*a, **k)))
+    monkeypatch.setattr(
+        train_dp_lora, "build_model", lambda *a, **k: captured.setdefault("model", build(*a, **k))
+    )
     run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--load_in_4bit")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in captured["model"].modules())
     assert all(p.dtype == torch.float32 for p in captured["model"].parameters() if p.requires_grad)
@@ -285,7 +427,18 @@ def test_4bit_base_trains_lora_adapters_under_dp(tiny_model_dir, tmp_path, monke
 def test_tensorboard_tracker_records_epsilon_per_step(tiny_model_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run(tiny_model_dir, tmp_path, "--max_steps", "2", "--save_steps", "0", "--report_to", "tensorboard", "--epsilon_log_steps", "1")
+    run(
+        tiny_model_dir,
+        tmp_path,
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "0",
+        "--report_to",
+        "tensorboard",
+        "--epsilon_log_steps",
+        "1",
+    )
     events = [p.parent for p in tmp_path.rglob("events.out.tfevents.*")]
     assert events
     scalars = {}
@@ -294,23 +447,35 @@ def test_tensorboard_tracker_records_epsilon_per_step(tiny_model_dir, tmp_path):
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
             scalars[tag] = [event.value for event in accumulator.Scalars(tag)]
-    assert len(scalars["privacy/epsilon"]) == 2 and scalars["privacy/epsilon"][0] < scalars["privacy/epsilon"][1]
+    assert (
+        len(scalars["privacy/epsilon"]) == 2 and scalars["privacy/epsilon"][0] < scalars["privacy/epsilon"][1]
+    )
     # TensorBoard stores fp32 scalars: rounding to fp32 is <= 6e-8 relative; rel 1e-6 allows 16 fp32 ulps
-    assert scalars["privacy/epsilon"][1] == pytest.approx(read(tmp_path / "adapter" / "privacy_report.json")["epsilon"], rel=1e-6)
+    assert scalars["privacy/epsilon"][1] == pytest.approx(
+        read(tmp_path / "adapter" / "privacy_report.json")["epsilon"], rel=1e-6
+    )
     assert len(scalars["train/loss"]) == 2
 
 
 def test_yaml_config_sets_flags_and_the_command_line_wins(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("epsilon: 8\nlora_r: 4\nlora_target_modules: [q_proj, v_proj]\ndisable_dp: false\n", encoding="utf-8")
+    config.write_text(
+        "epsilon: 8\nlora_r: 4\nlora_target_modules: [q_proj, v_proj]\ndisable_dp: false\n", encoding="utf-8"
+    )
     args = train_dp_lora.parse_args(["--config", str(config), "--lora_r", "16"])
-    assert args.privacy.epsilon == 8 and args.lora.lora_r == 16 and args.lora.lora_target_modules == ["q_proj", "v_proj"]
+    assert (
+        args.privacy.epsilon == 8
+        and args.lora.lora_r == 16
+        and args.lora.lora_target_modules == ["q_proj", "v_proj"]
+    )
     config.write_text("epsilom: 8\n", encoding="utf-8")
     with pytest.raises(SystemExit):
         train_dp_lora.parse_args(["--config", str(config)])
 
 
-def test_non_private_backward_leaves_out_and_counts_a_nan_example(tiny_model_dir, tiny_tokenizer, monkeypatch):
+def test_non_private_backward_leaves_out_and_counts_a_nan_example(
+    tiny_model_dir, tiny_tokenizer, monkeypatch
+):
     from utils.data import collate
     from utils.prompt import encode_example
 
@@ -327,32 +492,57 @@ def test_non_private_backward_leaves_out_and_counts_a_nan_example(tiny_model_dir
         return real(m, b) * torch.where(rows_poisoned, float("nan"), 1.0)
 
     monkeypatch.setattr(training, "per_example_loss", nan_for_poisoned_rows)
-    losses, nonfinite = training.backward_examples(model, collate([poisoned, healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2)
+    losses, nonfinite = training.backward_examples(
+        model,
+        collate([poisoned, healthy], tiny_tokenizer.pad_token_id),
+        params,
+        dp=False,
+        logical_batch_size=2,
+    )
     assert nonfinite == 1 and torch.isnan(losses[0]) and torch.isfinite(losses[1])
     with_nan = [p.grad.clone() for p in params]
     assert all(torch.isfinite(g).all() for g in with_nan)
     for p in params:  # the gradient is exactly that of the healthy example alone, over the logical batch
         p.grad = None
-    training.backward_examples(model, collate([healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2)
+    training.backward_examples(
+        model, collate([healthy], tiny_tokenizer.pad_token_id), params, dp=False, logical_batch_size=2
+    )
     # an fp32 model on a 2-row padded batch vs the row alone: fp32 kernels on other shapes, a few ulps per op through
     # 2 layers and back (observed 0); a NaN that leaked through 0 * NaN is inf here, dividing by 1 not 2 is 8.4e6 ulps
-    assert_close_scaled(with_nan, [p.grad for p in params], 256, eps=FP32_EPS, why="fp32 model, other batch shape")
+    assert_close_scaled(
+        with_nan, [p.grad for p in params], 256, eps=FP32_EPS, why="fp32 model, other batch shape"
+    )
 
 
-def test_a_second_secure_mode_resume_of_one_checkpoint_is_a_fork_refused_unless_its_cost_is_accepted(tiny_model_dir, tmp_path, capsys):
+def test_a_second_secure_mode_resume_of_one_checkpoint_is_a_fork_refused_unless_its_cost_is_accepted(
+    tiny_model_dir, tmp_path, capsys
+):
     first = tmp_path / "first"
     run(tiny_model_dir, first, "--max_steps", "3", "--save_steps", "1", "--secure_mode")
     checkpoint = str(first / "private_run_record" / "checkpoints" / "step_000001")
-    resume = ["--max_steps", "3", "--save_steps", "0", "--secure_mode", "--resume_from_checkpoint", checkpoint]
+    resume = [
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "0",
+        "--secure_mode",
+        "--resume_from_checkpoint",
+        checkpoint,
+    ]
     run(tiny_model_dir, tmp_path / "branch_a", *resume)  # the first resume: one branch, one run's epsilon
     argv = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "branch_b"), *FAST, *resume]
     assert train_dp_lora.cli_main(argv) == 2
     assert "already resumed 1 time(s) in --secure_mode" in capsys.readouterr().err
     run(tiny_model_dir, tmp_path / "branch_b", *resume, "--accept_forked_resume")
-    a, b = read(tmp_path / "branch_a" / "adapter" / "privacy_report.json"), read(tmp_path / "branch_b" / "adapter" / "privacy_report.json")
+    a, b = (
+        read(tmp_path / "branch_a" / "adapter" / "privacy_report.json"),
+        read(tmp_path / "branch_b" / "adapter" / "privacy_report.json"),
+    )
     # the same history on both branches: equal epsilons (approx's rel 1e-6 is spare); 1 + 2 + 2 composed vs 5 from
     # scratch: the PRV composition of a regrouped history, rel 1e-6 (one step more or less: >= 3%)
     assert a["forks"] == 0 and b["forks"] == 1 and b["epsilon"] == pytest.approx(a["epsilon"])
     # both branches share step 1 and each took 2 more: 1 + 2 + 2 steps composed
-    assert b["epsilon_with_forks"] == pytest.approx(privacy.epsilon_after(5, b["noise_multiplier"], b["sample_rate"], b["delta"], "prv"), rel=1e-6)
+    assert b["epsilon_with_forks"] == pytest.approx(
+        privacy.epsilon_after(5, b["noise_multiplier"], b["sample_rate"], b["delta"], "prv"), rel=1e-6
+    )
     assert b["epsilon_with_forks"] > b["epsilon"] and "forked resume" in b["guarantee"]

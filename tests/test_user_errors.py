@@ -14,8 +14,18 @@ import infer
 import train_dp_lora
 from conftest import REPO, bundled_cards, write_cards
 
-COMMON = ["--report_to", "none", "--logical_batch_size", "8", "--per_device_train_batch_size", "4", "--eval_steps", "0",
-          "--max_steps", "2"]
+COMMON = [
+    "--report_to",
+    "none",
+    "--logical_batch_size",
+    "8",
+    "--per_device_train_batch_size",
+    "4",
+    "--eval_steps",
+    "0",
+    "--max_steps",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +43,9 @@ def one_error_line(capsys) -> str:
 def train_fails(capsys, model_dir, dataset, out: Path, *extra) -> str:
     """Run train_dp_lora's command line in-process; it must fail with one line and code 2, writing nothing."""
     assert not out.exists()
-    code = train_dp_lora.cli_main(["--model", model_dir, "--dataset", dataset, "--output_dir", str(out), *COMMON, *extra])
+    code = train_dp_lora.cli_main(
+        ["--model", model_dir, "--dataset", dataset, "--output_dir", str(out), *COMMON, *extra]
+    )
     line = one_error_line(capsys)
     assert code == 2, line
     assert not out.exists(), f"--output_dir was created: {sorted(p.name for p in out.rglob('*'))}"
@@ -41,7 +53,9 @@ def train_fails(capsys, model_dir, dataset, out: Path, *extra) -> str:
 
 
 def test_unreachable_epsilon_names_the_smallest_reachable_one(tiny_model_dir, cards, tmp_path, capsys):
-    line = train_fails(capsys, tiny_model_dir, cards, tmp_path / "out", "--epsilon", "0.001", "--accountant", "rdp")
+    line = train_fails(
+        capsys, tiny_model_dir, cards, tmp_path / "out", "--epsilon", "0.001", "--accountant", "rdp"
+    )
     assert "--epsilon 0.001 is below the smallest epsilon" in line
     floor = float(line.split("raise --epsilon to at least ")[1].split()[0])
     assert 0.001 < floor < 1
@@ -66,7 +80,10 @@ def test_dataset_with_invalid_json(tiny_model_dir, tmp_path, capsys):
 
 
 def test_dataset_without_the_needed_columns(tiny_model_dir, tmp_path, capsys):
-    bad = write_cards(tmp_path / "bad.jsonl", [{"question": c["input"], "answer": c["output"]} for c in bundled_cards()[:20]])
+    bad = write_cards(
+        tmp_path / "bad.jsonl",
+        [{"question": c["input"], "answer": c["output"]} for c in bundled_cards()[:20]],
+    )
     line = train_fails(capsys, tiny_model_dir, bad, tmp_path / "out")
     assert "missing column(s) input, output" in line and "found answer, question" in line
 
@@ -86,7 +103,9 @@ def test_existing_run_is_not_replaced_without_overwrite(tiny_model_dir, cards, t
     (out / "private_run_record" / "args.json").write_text("{}\n", encoding="utf-8")
     (out / "adapter").mkdir()
     before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
-    code = train_dp_lora.cli_main(["--model", tiny_model_dir, "--dataset", cards, "--output_dir", str(out), *COMMON])
+    code = train_dp_lora.cli_main(
+        ["--model", tiny_model_dir, "--dataset", cards, "--output_dir", str(out), *COMMON]
+    )
     line = one_error_line(capsys)
     assert code == 2 and "already holds a run" in line and "--overwrite_output_dir" in line
     assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
@@ -98,7 +117,9 @@ def test_resume_without_a_checkpoint(tiny_model_dir, cards, tmp_path, capsys):
 
 
 def test_resume_from_a_directory_that_is_not_a_checkpoint(tiny_model_dir, cards, tmp_path, capsys):
-    line = train_fails(capsys, tiny_model_dir, cards, tmp_path / "out", "--resume_from_checkpoint", str(tmp_path))
+    line = train_fails(
+        capsys, tiny_model_dir, cards, tmp_path / "out", "--resume_from_checkpoint", str(tmp_path)
+    )
     assert "is not a checkpoint directory" in line
 
 
@@ -108,7 +129,9 @@ def test_an_internal_error_is_not_swallowed(tiny_model_dir, cards, tmp_path, mon
 
     monkeypatch.setattr(train_dp_lora, "prepare_data", broken)
     with pytest.raises(RuntimeError, match="a bug, not a user error"):
-        train_dp_lora.cli_main(["--model", tiny_model_dir, "--dataset", cards, "--output_dir", str(tmp_path / "out"), *COMMON])
+        train_dp_lora.cli_main(
+            ["--model", tiny_model_dir, "--dataset", cards, "--output_dir", str(tmp_path / "out"), *COMMON]
+        )
     assert "error:" not in capsys.readouterr().err
 
 
@@ -129,10 +152,33 @@ def test_the_real_command_line_prints_nothing_but_the_error(tiny_model_dir, card
     """In a fresh process (real stderr, no capture): no log line or progress bar before the one error line,
     for a mistake found only after the tokenizer and the data were loaded."""
     out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "train_dp_lora.py", "--model", tiny_model_dir, "--dataset", cards,
-                             "--output_dir", str(out), *COMMON, "--delta", "0.5"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train_dp_lora.py",
+            "--model",
+            tiny_model_dir,
+            "--dataset",
+            cards,
+            "--output_dir",
+            str(out),
+            *COMMON,
+            "--delta",
+            "0.5",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --delta 0.5 must be in (0, 1/N)"), result.stderr

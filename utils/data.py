@@ -96,7 +96,9 @@ def _read_hub(dataset_id: str) -> list[dict]:
 
     try:
         # a cached copy works offline
-        return datasets.load_dataset(dataset_id, split="train", download_mode="reuse_dataset_if_exists").to_list()
+        return datasets.load_dataset(
+            dataset_id, split="train", download_mode="reuse_dataset_if_exists"
+        ).to_list()
     except Exception as cached_error:  # noqa: BLE001 - the cause is reported below
         reason = hub_unreachable_reason()
         if reason:
@@ -119,7 +121,8 @@ def read_rows(source: str) -> list[dict]:
     missing = [c for c in ("input", "output") if c not in present]
     if missing:
         raise DataError(
-            f"{source}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}, found {', '.join(sorted(map(str, present)))}"
+            f"{source}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}, found "
+            f"{', '.join(sorted(map(str, present)))}"
         )
     return rows
 
@@ -191,7 +194,9 @@ class SplitSpec:
 
 
 def _normalised(card: dict) -> bytes:
-    return json.dumps([" ".join(card[c].lower().split()) for c in ("input", "output")], ensure_ascii=False).encode()
+    return json.dumps(
+        [" ".join(card[c].lower().split()) for c in ("input", "output")], ensure_ascii=False
+    ).encode()
 
 
 def _keyed_uniform(purpose: str, seed: int, card: dict) -> float:
@@ -201,7 +206,7 @@ def _keyed_uniform(purpose: str, seed: int, card: dict) -> float:
 
 
 def assign_split(card: dict, spec: SplitSpec) -> str:
-    """"test", "validation", "train", or "unsampled" (a training row left out by train_sample_fraction)."""
+    """ "test", "validation", "train", or "unsampled" (a training row left out by train_sample_fraction)."""
     u = _keyed_uniform("split", spec.seed, card)
     if u < spec.test_fraction:
         return "test"

@@ -21,11 +21,17 @@ STOP_SCAN_TOKENS = 16  # tokens at the end of each row decoded to look for a new
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = field(default=128, metadata={"help": "most tokens generated per answer"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding (greedy is reproducible)"})
+    do_sample: bool = field(
+        default=False, metadata={"help": "sample instead of greedy decoding (greedy is reproducible)"}
+    )
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do_sample)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (with --do_sample)"})
-    top_k: int = field(default=50, metadata={"help": "sample among the k likeliest tokens; 0 = all (with --do_sample)"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages repeating tokens (greedy too)"})
+    top_k: int = field(
+        default=50, metadata={"help": "sample among the k likeliest tokens; 0 = all (with --do_sample)"}
+    )
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "> 1 discourages repeating tokens (greedy too)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for sampling"})
 
 
@@ -45,9 +51,9 @@ def settings_problems(settings: GenerationSettings) -> list[str]:
     return problems
 
 
-
 # -----------------------------------------------------------------------------
 # generation
+
 
 def encode_batch(tokenizer, questions: list[str], instructions: list[str | None] | None = None) -> dict:
     """Left-padded input_ids and attention_mask of the training prompts of `questions`."""
@@ -57,8 +63,8 @@ def encode_batch(tokenizer, questions: list[str], instructions: list[str | None]
     input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt):] = 1
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -90,11 +96,20 @@ def _stop_at_new_question(tokenizer, prompt_width: int):
 def _generation_config(settings: GenerationSettings, tokenizer, stop_ids: list[int]):
     from transformers import GenerationConfig
 
-    sampling = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k) if settings.do_sample else \
-        dict(temperature=None, top_p=None, top_k=None)
+    sampling = (
+        dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+        if settings.do_sample
+        else dict(temperature=None, top_p=None, top_k=None)
+    )
     config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, repetition_penalty=settings.repetition_penalty,
-        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True, **sampling,
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=settings.do_sample,
+        repetition_penalty=settings.repetition_penalty,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        use_cache=True,
+        **sampling,
     )
     return config
 
@@ -107,8 +122,16 @@ def decode_answer(tokenizer, generated_ids, stop_ids: list[int]) -> str:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, questions: list[str], settings: GenerationSettings, batch_size: int = 8,
-                     instructions: list[str] | None = None, progress: bool = False, streamer=None) -> list[str]:
+def generate_answers(
+    model,
+    tokenizer,
+    questions: list[str],
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    instructions: list[str] | None = None,
+    progress: bool = False,
+    streamer=None,
+) -> list[str]:
     """One clean answer per question, in order (see module docstring). A streamer gets one question at a time."""
     from tqdm.auto import tqdm
 
@@ -128,18 +151,24 @@ def generate_answers(model, tokenizer, questions: list[str], settings: Generatio
     device = next(model.parameters()).device
     torch.manual_seed(settings.seed)
     # longest prompts first: batches of similar length waste little on padding
-    order = sorted(range(len(questions)), key=lambda i: -len(encode_prompt(tokenizer, questions[i], instructions[i])))
+    order = sorted(
+        range(len(questions)), key=lambda i: -len(encode_prompt(tokenizer, questions[i], instructions[i]))
+    )
     answers: list[str | None] = [None] * len(questions)
     bar = tqdm(total=len(questions), desc="answering", unit="question", disable=not progress)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         batch = encode_batch(tokenizer, [questions[i] for i in rows], [instructions[i] for i in rows])
         batch = {k: v.to(device) for k, v in batch.items()}
         width = batch["input_ids"].shape[1]
         from transformers import StoppingCriteriaList
 
-        output = model.generate(**batch, generation_config=config, streamer=streamer,
-                                stopping_criteria=StoppingCriteriaList([_stop_at_new_question(tokenizer, width)]))
+        output = model.generate(
+            **batch,
+            generation_config=config,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_stop_at_new_question(tokenizer, width)]),
+        )
         for row, generated in zip(rows, output[:, width:].cpu()):
             answers[row] = decode_answer(tokenizer, generated, stop_ids)
         bar.update(len(rows))
@@ -189,10 +218,17 @@ class AnswerStreamer:
             cut = answer.find(QUESTION_MARKER.strip())
             if cut != -1:
                 answer = answer[:cut]
-            held = max((k for k in range(1, len(QUESTION_MARKER) + 1) if answer.endswith(QUESTION_MARKER[:k]) or answer.endswith(QUESTION_MARKER.strip()[:k])), default=0)
-            answer = answer[:len(answer) - held].rstrip()
+            held = max(
+                (
+                    k
+                    for k in range(1, len(QUESTION_MARKER) + 1)
+                    if answer.endswith(QUESTION_MARKER[:k]) or answer.endswith(QUESTION_MARKER.strip()[:k])
+                ),
+                default=0,
+            )
+            answer = answer[: len(answer) - held].rstrip()
         if len(answer) > self.printed:
-            self.write(answer[self.printed:])
+            self.write(answer[self.printed :])
             self.printed = len(answer)
 
     def end(self):

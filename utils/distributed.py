@@ -28,9 +28,12 @@ import os
 import torch
 
 # What the privacy report says about the split (W is recorded next to it as world_size).
-DRAW_SPLIT = ("one global Poisson draw per step, identical on every rank (rank 0's under --secure_mode); "
-              "rows sorted by length, rank r processes ordered[r::world_size]; noise added once, on rank 0; "
-              "clipped sums all-reduced, divided by the expected logical batch")
+DRAW_SPLIT = (
+    "one global Poisson draw per step, identical on every rank (rank 0's under --secure_mode); "
+    "rows sorted by length, rank r processes ordered[r::world_size]; noise added once, on rank 0; "
+    "clipped sums all-reduced, divided by the expected logical batch"
+)
+
 
 def launched_world_size() -> int:
     """Processes the launcher started (WORLD_SIZE, set by accelerate launch / torchrun); 1 without one."""
@@ -45,14 +48,17 @@ def needs_cpu_backend() -> bool:
     """
     if launched_world_size() <= 1:
         return False
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    has_accelerator = (
+        torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    )
     return not has_accelerator
 
 
 def check_launch(accelerator) -> None:
     if accelerator.num_processes != launched_world_size():
         raise RuntimeError(
-            f"the launcher started {launched_world_size()} processes but Accelerate set up {accelerator.num_processes}; "
+            f"the launcher started {launched_world_size()} processes but Accelerate set up "
+            f"{accelerator.num_processes}; "
             "refusing to train copies of the run side by side (on a machine without GPUs set ACCELERATE_USE_CPU=1)"
         )
 
@@ -128,12 +134,17 @@ def step_totals(example_losses: torch.Tensor, drawn: list[int], processed: list[
     """
     finite = example_losses[torch.isfinite(example_losses)]
     digest_hi, digest_lo = divmod(row_ids_digest(processed), 2**24)  # two float64-exact halves
-    totals = torch.tensor([finite.sum().item(), len(finite), len(processed), digest_hi, digest_lo],
-                          dtype=torch.float64, device=device)
+    totals = torch.tensor(
+        [finite.sum().item(), len(finite), len(processed), digest_hi, digest_lo],
+        dtype=torch.float64,
+        device=device,
+    )
     torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
     loss_sum, n_finite, n_rows, hi, lo = totals.tolist()
     if int(n_rows) != len(drawn) or int(hi) * 2**24 + int(lo) != row_ids_digest(drawn):
-        raise RuntimeError(f"ranks processed {int(n_rows)} rows, not exactly the {len(drawn)} rows the step drew")
+        raise RuntimeError(
+            f"ranks processed {int(n_rows)} rows, not exactly the {len(drawn)} rows the step drew"
+        )
     return loss_sum / n_finite if n_finite else float("nan")
 
 
@@ -163,7 +174,9 @@ def check_same_on_all_ranks(name: str, value, device) -> None:
     bounds = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
     if bounds.tolist() != [digest, -digest]:
-        raise RuntimeError(f"{name} differs between ranks; every process must see the same data, arguments and plan")
+        raise RuntimeError(
+            f"{name} differs between ranks; every process must see the same data, arguments and plan"
+        )
 
 
 def replicas_identical(params) -> bool:
@@ -181,8 +194,12 @@ def assert_not_wrapped(model) -> None:
     """The model must not be torch DDP: its reducer would average the DP gradients a second time."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel) or isinstance(getattr(model, "module", None), DistributedDataParallel):
-        raise RuntimeError("the model is wrapped in torch DDP; DP training must not go through accelerator.prepare(model)")
+    if isinstance(model, DistributedDataParallel) or isinstance(
+        getattr(model, "module", None), DistributedDataParallel
+    ):
+        raise RuntimeError(
+            "the model is wrapped in torch DDP; DP training must not go through accelerator.prepare(model)"
+        )
 
 
 def gather_rng_states(state: dict) -> list[dict]:

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 from utils.prompt import IGNORE_INDEX
 
-LOGIT_CHUNK_ELEMENTS = 2**25  # logits per chunk: 32M fp32 values = 128 MiB, i.e. 128 tokens at a 256k vocabulary
+LOGIT_CHUNK_ELEMENTS = (
+    2**25
+)  # logits per chunk: 32M fp32 values = 128 MiB, i.e. 128 tokens at a 256k vocabulary
 
 
 def _causal_lm(model):
@@ -56,7 +58,9 @@ def answer_hidden_states(model, input_ids, attention_mask, labels):
     # softmax (NaN) and the next layer spreads 0 * NaN into that row's real positions: one long
     # example could then wipe out other examples' gradients (sensitivity above C).
     right_padded = bool((attention_mask[:, :-1] >= attention_mask[:, 1:]).all())
-    hidden = causal_lm.model(input_ids=input_ids, attention_mask=None if right_padded else attention_mask).last_hidden_state
+    hidden = causal_lm.model(
+        input_ids=input_ids, attention_mask=None if right_padded else attention_mask
+    ).last_hidden_state
     targets = labels[:, 1:]
     positions = targets != IGNORE_INDEX  # hidden state at t predicts token t+1
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[positions]
@@ -66,7 +70,8 @@ def answer_hidden_states(model, input_ids, attention_mask, labels):
 def answer_token_logits(model, input_ids, attention_mask, labels):
     """Logits at the positions whose next token is labelled, with those targets and their row ids.
 
-    Returns (logits [M, V] in fp32 (fp64 for an fp64 model), targets [M], rows [M]). All M x V logits at once: the reference
+    Returns (logits [M, V] in fp32 (fp64 for an fp64 model), targets [M], rows [M]). All M x V logits at once:
+    the reference
     path, and the fallback for heads the chunked path does not handle.
     """
     causal_lm = _causal_lm(model)
@@ -90,7 +95,9 @@ class ChunkedHeadNLL(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, softcap, chunk_tokens):
         needs_grad = ctx.needs_input_grad[0]
         n_tokens = hidden.shape[0]
-        dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits over a bf16 model; fp64 stays fp64
+        dtype = torch.promote_types(
+            hidden.dtype, torch.float32
+        )  # fp32 logits over a bf16 model; fp64 stays fp64
         nll = torch.empty(n_tokens, device=hidden.device, dtype=dtype)
         grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if needs_grad else None
         for start in range(0, n_tokens, chunk_tokens):
@@ -125,8 +132,12 @@ class ChunkedHeadNLL(torch.autograd.Function):
 
 def _chunkable_head(head) -> bool:
     """A plain, frozen, bias-free dense linear head (not a LoRA-wrapped or 4-bit one)."""
-    return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
-            and head.weight.is_floating_point())
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not head.weight.requires_grad
+        and head.weight.is_floating_point()
+    )
 
 
 def answer_token_nll(model, batch: dict, chunk_tokens: int | None = None):
@@ -138,9 +149,13 @@ def answer_token_nll(model, batch: dict, chunk_tokens: int | None = None):
     causal_lm = _causal_lm(model)
     head = causal_lm.get_output_embeddings()
     if not _chunkable_head(head):
-        logits, targets, rows = answer_token_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logits, targets, rows = answer_token_logits(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        )
         return F.cross_entropy(logits, targets, reduction="none"), rows
-    hidden, targets, rows = answer_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    hidden, targets, rows = answer_hidden_states(
+        model, batch["input_ids"], batch["attention_mask"], batch["labels"]
+    )
     chunk_tokens = chunk_tokens or max(1, LOGIT_CHUNK_ELEMENTS // head.weight.shape[0])
     return ChunkedHeadNLL.apply(hidden, head.weight, targets, _softcap(causal_lm), chunk_tokens), rows
 
@@ -150,7 +165,9 @@ def per_example_loss(model, batch: dict, chunk_tokens: int | None = None) -> tor
     token_nll, rows = answer_token_nll(model, batch, chunk_tokens)
     n_rows = batch["labels"].shape[0]
     total = torch.zeros(n_rows, device=token_nll.device, dtype=token_nll.dtype).index_add(0, rows, token_nll)
-    count = torch.zeros(n_rows, device=token_nll.device, dtype=token_nll.dtype).index_add(0, rows, torch.ones_like(token_nll))
+    count = torch.zeros(n_rows, device=token_nll.device, dtype=token_nll.dtype).index_add(
+        0, rows, torch.ones_like(token_nll)
+    )
     return total / count.clamp(min=1)
 
 
@@ -158,7 +175,10 @@ def per_example_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> 
     """The same quantity from full logits [B, T, V]; the reference the fast path is tested against."""
     targets = labels[:, 1:]
     token_nll = F.cross_entropy(
-        _at_least_fp32(logits[:, :-1]).reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        _at_least_fp32(logits[:, :-1]).reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view_as(targets)
     mask = (targets != IGNORE_INDEX).float()
     return (token_nll * mask).sum(1) / mask.sum(1).clamp(min=1)

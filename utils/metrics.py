@@ -50,7 +50,9 @@ def _content_tokens(text: str, question: str) -> list[str]:
 
 def content_f1(prediction: str, reference: str, question: str) -> float:
     """Token F1 between prediction and reference after removing every token of the question from both."""
-    return token_f1(" ".join(_content_tokens(prediction, question)), " ".join(_content_tokens(reference, question)))
+    return token_f1(
+        " ".join(_content_tokens(prediction, question)), " ".join(_content_tokens(reference, question))
+    )
 
 
 def content_recall(prediction: str, reference: str, question: str) -> float:

@@ -9,14 +9,22 @@ README's privacy section (both come from utils/privacy_record.py).
 from utils.privacy_record import NOT_COVERED, PrivacyRecord, format_delta, format_epsilon
 
 # --model strings whose hub id is known (the embedded GGUF is Gemma 3 270M, a base model)
-KNOWN_HUB_IDS = {"gemma3-270m": "google/gemma-3-270m", "kaggle:google/vaultgemma/transformers/1b": "google/vaultgemma-1b"}
+KNOWN_HUB_IDS = {
+    "gemma3-270m": "google/gemma-3-270m",
+    "kaggle:google/vaultgemma/transformers/1b": "google/vaultgemma-1b",
+}
 
 
 def hub_base_model(model: str) -> str | None:
     """The hub id of --model, or None for a local path or file (metadata then omits base_model)."""
     if model in KNOWN_HUB_IDS:
         return KNOWN_HUB_IDS[model]
-    if model.startswith("kaggle:") or model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") != 1:
+    if (
+        model.startswith("kaggle:")
+        or model.startswith((".", "/", "~"))
+        or model.endswith(".gguf")
+        or model.count("/") != 1
+    ):
         return None
     return model
 
@@ -28,35 +36,55 @@ def _yaml_list(items) -> str:
 def model_card(record: PrivacyRecord, base_model: str, lora: dict, split: dict) -> str:
     hub_id = hub_base_model(base_model)
     tags = ["differential-privacy", "dp-sgd", "lora", "peft", "medical", "opacus", "text-generation"]
-    metadata = ("---\n" + (f"base_model: {hub_id}\n" if hub_id else "") +
-                f"library_name: peft\nlicense: gemma\npipeline_tag: text-generation\ntags:{_yaml_list(tags)}\n---\n")
+    metadata = (
+        "---\n"
+        + (f"base_model: {hub_id}\n" if hub_id else "")
+        + f"library_name: peft\nlicense: gemma\npipeline_tag: text-generation\ntags:{_yaml_list(tags)}\n---\n"
+    )
     if record.dp_enabled:
-        guarantee = (f"({format_epsilon(record.epsilon)}, {format_delta(record.delta)})-differential privacy "
-                     f"(epsilon and delta rounded up)")
-        mechanism = (f"DP-SGD on the LoRA weights only (the base model is frozen): Poisson sampling with q = "
-                     f"{record.sample_rate:.6g} (expected batch {record.expected_batch_size} of N = {record.n_train} "
-                     f"training rows), per-example gradients clipped to C = {record.max_grad_norm}, Gaussian noise "
-                     f"with noise multiplier sigma = {record.noise_multiplier:.6g} added once per step, "
-                     f"{record.steps_taken} steps; {record.accountant} accountant.")
-        threat = ("Sampling and noise came from the operating system's cryptographic randomness (`--secure_mode`)."
-                  if record.secure_mode else
-                  "Sampling and noise came from seeded PyTorch generators: the guarantee holds only against "
-                  "someone who does not know the seed. The seed is kept in the private run record, not here; "
-                  "train with `--secure_mode` for adapters you release.")
-        extra = f"- Replace-one epsilon of the same mechanism (N treated as public): {format_epsilon(record.epsilon_replace_one)}\n"
+        guarantee = (
+            f"({format_epsilon(record.epsilon)}, {format_delta(record.delta)})-differential privacy "
+            f"(epsilon and delta rounded up)"
+        )
+        mechanism = (
+            f"DP-SGD on the LoRA weights only (the base model is frozen): Poisson sampling with q = "
+            f"{record.sample_rate:.6g} (expected batch {record.expected_batch_size} of N = {record.n_train} "
+            f"training rows), per-example gradients clipped to C = {record.max_grad_norm}, Gaussian noise "
+            f"with noise multiplier sigma = {record.noise_multiplier:.6g} added once per step, "
+            f"{record.steps_taken} steps; {record.accountant} accountant."
+        )
+        threat = (
+            "Sampling and noise came from the operating system's cryptographic randomness (`--secure_mode`)."
+            if record.secure_mode
+            else "Sampling and noise came from seeded PyTorch generators: the guarantee holds only against "
+            "someone who does not know the seed. The seed is kept in the private run record, not here; "
+            "train with `--secure_mode` for adapters you release."
+        )
+        replace_one = format_epsilon(record.epsilon_replace_one)
+        extra = f"- Replace-one epsilon of the same mechanism (N treated as public): {replace_one}\n"
         if record.forks:
-            extra += (f"- This run forked from a resumed checkpoint {record.forks} time(s); composed epsilon "
-                      f"{format_epsilon(record.epsilon_with_forks)}\n")
+            extra += (
+                f"- This run forked from a resumed checkpoint {record.forks} time(s); composed epsilon "
+                f"{format_epsilon(record.epsilon_with_forks)}\n"
+            )
         if record.selected_on_private_data:
-            extra += f"- WARNING: this checkpoint was selected on private data ({record.selection}); epsilon does not cover that choice\n"
+            extra += (
+                f"- WARNING: this checkpoint was selected on private data ({record.selection}); "
+                "epsilon does not cover that choice\n"
+            )
     else:
-        guarantee, mechanism, threat, extra = ("NO differential-privacy guarantee (trained with --disable_dp)",
-                                               "Non-private LoRA fine-tuning.", "Not applicable.", "")
+        guarantee, mechanism, threat, extra = (
+            "NO differential-privacy guarantee (trained with --disable_dp)",
+            "Non-private LoRA fine-tuning.",
+            "Not applicable.",
+            "",
+        )
     not_covered = "".join(f"- {item}\n" for item in NOT_COVERED)
+    targets = ", ".join(sorted(lora.get("target_modules") or []))
     return f"""{metadata}
 # LoRA adapters for {base_model}, fine-tuned on medical flashcards with differential privacy
 
-PEFT LoRA adapters (rank {lora.get('r')}, alpha {lora.get('lora_alpha')}, on {', '.join(sorted(lora.get('target_modules') or []))})
+PEFT LoRA adapters (rank {lora.get("r")}, alpha {lora.get("lora_alpha")}, on {targets})
 trained with the vaultgemma-dp-lora scripts on medical question-answer flashcards.
 
 ```python
@@ -71,9 +99,9 @@ model = PeftModel.from_pretrained(base_model, "path/to/this/directory")
 - Neighbouring datasets: {record.neighbouring_relation}.
 - Mechanism: {mechanism}
 - Threat model: {threat}
-- Split: each row's split follows from a keyed hash of its own content (seed {split.get('seed')}, validation
-  {split.get('validation_fraction')}, test {split.get('test_fraction')}, training rows kept with probability
-  {split.get('train_sample_fraction')}), so one row added or removed never moves another.
+- Split: each row's split follows from a keyed hash of its own content (seed {split.get("seed")}, validation
+  {split.get("validation_fraction")}, test {split.get("test_fraction")}, training rows kept with probability
+  {split.get("train_sample_fraction")}), so one row added or removed never moves another.
 {extra}
 Epsilon does not cover:
 {not_covered}

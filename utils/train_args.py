@@ -12,63 +12,160 @@ from utils.data import HUB_DATASET
 from utils.model_loading import DEFAULT_MODEL
 from utils.training import DTYPES, LoraArguments
 
-DESCRIPTION = ("Fine-tune a Gemma-family causal LM (VaultGemma by default) on medical flashcards with LoRA "
-               "under example-level (epsilon, delta) differential privacy.")
+DESCRIPTION = (
+    "Fine-tune a Gemma-family causal LM (VaultGemma by default) on medical flashcards with LoRA "
+    "under example-level (epsilon, delta) differential privacy."
+)
 
 
 @dataclass
 class ModelArguments:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "hub id, local dir, kaggle:<handle>, a .gguf file, or 'gemma3-270m' (embedded, offline)"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "NF4 + double quantization base (bitsandbytes)"})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype; auto = float32 on CPU, bfloat16 on GPU", "choices": list(DTYPES)})
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={
+            "help": "hub id, local dir, kaggle:<handle>, a .gguf file, or 'gemma3-270m' (embedded, offline)"
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "NF4 + double quantization base (bitsandbytes)"}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "compute dtype; auto = float32 on CPU, bfloat16 on GPU", "choices": list(DTYPES)},
+    )
 
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default=HUB_DATASET, metadata={"help": "hub dataset id, a local .json/.jsonl/.csv/.parquet, or 'bundled' (shipped sample)"})
-    max_seq_length: int = field(default=256, metadata={"help": "longer flashcards are skipped (and counted), not truncated"})
-    validation_fraction: float = field(default=0.05, metadata={"help": "expected share of rows held out for validation loss"})
-    test_fraction: float = field(default=0.05, metadata={"help": "expected share of rows held out for evaluate_qa.py"})
-    train_sample_fraction: float = field(default=1.0, metadata={"help": "keep each training row with this probability (a keyed hash of the row: one row never moves another)"})
-    split_seed: int = field(default=0, metadata={"help": "key of the row -> split hash; public (written into the release bundle)"})
+    dataset: str = field(
+        default=HUB_DATASET,
+        metadata={
+            "help": "hub dataset id, a local .json/.jsonl/.csv/.parquet, or 'bundled' (shipped sample)"
+        },
+    )
+    max_seq_length: int = field(
+        default=256, metadata={"help": "longer flashcards are skipped (and counted), not truncated"}
+    )
+    validation_fraction: float = field(
+        default=0.05, metadata={"help": "expected share of rows held out for validation loss"}
+    )
+    test_fraction: float = field(
+        default=0.05, metadata={"help": "expected share of rows held out for evaluate_qa.py"}
+    )
+    train_sample_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "keep each training row with this probability (a keyed hash of the row: one row never "
+            "moves another)"
+        },
+    )
+    split_seed: int = field(
+        default=0, metadata={"help": "key of the row -> split hash; public (written into the release bundle)"}
+    )
 
 
 @dataclass
 class PrivacyArguments:
     epsilon: float = field(default=3.0, metadata={"help": "target epsilon for the whole run"})
-    delta: float | None = field(default=None, metadata={"help": "target delta; default min(1e-5, 1/(10N)); must be < 1/N"})
+    delta: float | None = field(
+        default=None, metadata={"help": "target delta; default min(1e-5, 1/(10N)); must be < 1/N"}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "per-example clipping norm C"})
-    accountant: str = field(default="prv", metadata={"help": "privacy accountant", "choices": list(privacy.ACCOUNTANTS)})
-    grad_sample_mode: str = field(default=privacy.DEFAULT_GRAD_SAMPLE_MODE, metadata={"help": "how per-sample gradients are computed (all exact; speed: README, Benchmarks)", "choices": list(privacy.GRAD_SAMPLE_MODES)})
-    secure_mode: bool = field(default=False, metadata={"help": "sampling and noise from the OS CSPRNG (for adapters you release; slower, not reproducible)"})
-    disable_dp: bool = field(default=False, metadata={"help": "non-private baseline: same sampling and loss, no clipping or noise"})
-    accept_forked_resume: bool = field(default=False, metadata={"help": "allow resuming a secure-mode checkpoint a second time; the composed epsilon is reported"})
+    accountant: str = field(
+        default="prv", metadata={"help": "privacy accountant", "choices": list(privacy.ACCOUNTANTS)}
+    )
+    grad_sample_mode: str = field(
+        default=privacy.DEFAULT_GRAD_SAMPLE_MODE,
+        metadata={
+            "help": "how per-sample gradients are computed (all exact; speed: README, Benchmarks)",
+            "choices": list(privacy.GRAD_SAMPLE_MODES),
+        },
+    )
+    secure_mode: bool = field(
+        default=False,
+        metadata={
+            "help": "sampling and noise from the OS CSPRNG (for adapters you release; slower, not reproducible)"
+        },
+    )
+    disable_dp: bool = field(
+        default=False, metadata={"help": "non-private baseline: same sampling and loss, no clipping or noise"}
+    )
+    accept_forked_resume: bool = field(
+        default=False,
+        metadata={
+            "help": "allow resuming a secure-mode checkpoint a second time; the composed epsilon is reported"
+        },
+    )
 
 
 @dataclass
 class TrainingArguments:
-    output_dir: str = field(default="outputs/dp_lora", metadata={"help": "OUT: OUT/adapter is the release bundle, OUT/private_run_record the rest"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace a finished or partial run already in --output_dir"})
-    logical_batch_size: int = field(default=64, metadata={"help": "expected rows per optimizer step (q = this / N)"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "rows per forward/backward (memory only)"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "planned steps = epochs * N / logical_batch_size"})
-    max_steps: int = field(default=0, metadata={"help": "if > 0, the planned number of steps (overrides epochs)"})
+    output_dir: str = field(
+        default="outputs/dp_lora",
+        metadata={"help": "OUT: OUT/adapter is the release bundle, OUT/private_run_record the rest"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace a finished or partial run already in --output_dir"}
+    )
+    logical_batch_size: int = field(
+        default=64, metadata={"help": "expected rows per optimizer step (q = this / N)"}
+    )
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "rows per forward/backward (memory only)"}
+    )
+    num_train_epochs: float = field(
+        default=1.0, metadata={"help": "planned steps = epochs * N / logical_batch_size"}
+    )
+    max_steps: int = field(
+        default=0, metadata={"help": "if > 0, the planned number of steps (overrides epochs)"}
+    )
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "share of steps with linear warmup before the cosine decay"})
-    eval_steps: int = field(default=50, metadata={"help": "validation loss every K steps (0 = only at the end)"})
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "share of steps with linear warmup before the cosine decay"}
+    )
+    eval_steps: int = field(
+        default=50, metadata={"help": "validation loss every K steps (0 = only at the end)"}
+    )
     save_steps: int = field(default=100, metadata={"help": "checkpoint every K steps (0 = only at the end)"})
-    epsilon_log_steps: int = field(default=10, metadata={"help": "exact epsilon every K steps and at the end; logged in between: epsilon at the next exact step (an upper bound)"})
-    loss_window: int = field(default=10, metadata={"help": "the summary's train loss is the mean over the last K steps"})
-    save_loss_threshold: float | None = field(default=None, metadata={"help": "also checkpoint when the step's training loss is below this (marked as selected on private data)"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir, or 'latest' in --output_dir"})
-    seed: int = field(default=42, metadata={"help": "seeds sampling, noise, dropout and LoRA init (private: kept out of the release bundle)"})
-    report_to: str = field(default="wandb", metadata={"help": "experiment tracker", "choices": ["wandb", "tensorboard", "none"]})
+    epsilon_log_steps: int = field(
+        default=10,
+        metadata={
+            "help": "exact epsilon every K steps and at the end; logged in between: epsilon at the next "
+            "exact step (an upper bound)"
+        },
+    )
+    loss_window: int = field(
+        default=10, metadata={"help": "the summary's train loss is the mean over the last K steps"}
+    )
+    save_loss_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "also checkpoint when the step's training loss is below this (marked as selected on private data)"
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "a checkpoint dir, or 'latest' in --output_dir"}
+    )
+    seed: int = field(
+        default=42,
+        metadata={
+            "help": "seeds sampling, noise, dropout and LoRA init (private: kept out of the release bundle)"
+        },
+    )
+    report_to: str = field(
+        default="wandb", metadata={"help": "experiment tracker", "choices": ["wandb", "tensorboard", "none"]}
+    )
     project_name: str = field(default="vaultgemma-dp-lora", metadata={"help": "tracker project"})
 
 
-GROUPS = {"model": ModelArguments, "lora": LoraArguments, "data": DataArguments, "privacy": PrivacyArguments,
-          "training": TrainingArguments}
+GROUPS = {
+    "model": ModelArguments,
+    "lora": LoraArguments,
+    "data": DataArguments,
+    "privacy": PrivacyArguments,
+    "training": TrainingArguments,
+}
 
 
 def parse_args(argv=None):
@@ -93,7 +190,11 @@ def validate_args(args) -> None:
         problems.append(f"--lora_dropout must be in [0, 1), got {lora.lora_dropout}")
     if d.max_seq_length < 8:
         problems.append(f"--max_seq_length must be >= 8, got {d.max_seq_length}")
-    if not (0 <= d.validation_fraction < 1 and 0 <= d.test_fraction < 1 and d.validation_fraction + d.test_fraction < 1):
+    if not (
+        0 <= d.validation_fraction < 1
+        and 0 <= d.test_fraction < 1
+        and d.validation_fraction + d.test_fraction < 1
+    ):
         problems.append("--validation_fraction and --test_fraction must be in [0, 1) and sum to < 1")
     if not 0 < d.train_sample_fraction <= 1:
         problems.append(f"--train_sample_fraction must be in (0, 1], got {d.train_sample_fraction}")
@@ -110,9 +211,13 @@ def validate_args(args) -> None:
     if t.epsilon_log_steps < 1 or t.loss_window < 1:
         problems.append("--epsilon_log_steps and --loss_window must be >= 1")
     if t.resume_from_checkpoint and t.overwrite_output_dir:
-        problems.append("--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir would delete it")
+        problems.append(
+            "--resume_from_checkpoint continues the run in --output_dir; --overwrite_output_dir would delete it"
+        )
     if m.load_in_4bit and m.model.endswith(".gguf"):
-        problems.append("--load_in_4bit needs a safetensors model, not a .gguf file (use the embedded name gemma3-270m)")
+        problems.append(
+            "--load_in_4bit needs a safetensors model, not a .gguf file (use the embedded name gemma3-270m)"
+        )
     if problems:
         raise cli.ArgumentErrors(problems)
 
@@ -124,8 +229,15 @@ def validate_against_data(args, n_train: int) -> None:
     if n_train < 2:
         problems.append(f"only {n_train} training rows after cleaning and splitting")
     elif t.logical_batch_size >= n_train:
-        problems.append(f"--logical_batch_size {t.logical_batch_size} must be < N = {n_train} training rows (q < 1)")
-    if n_train >= 2 and p.delta is not None and not p.disable_dp and (error := privacy.check_delta(p.delta, n_train)):
+        problems.append(
+            f"--logical_batch_size {t.logical_batch_size} must be < N = {n_train} training rows (q < 1)"
+        )
+    if (
+        n_train >= 2
+        and p.delta is not None
+        and not p.disable_dp
+        and (error := privacy.check_delta(p.delta, n_train))
+    ):
         problems.append(error)
     if problems:
         raise cli.ArgumentErrors(problems)

@@ -22,8 +22,9 @@ class LoraArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS),
-                                           metadata={"help": "module names that get adapters"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS), metadata={"help": "module names that get adapters"}
+    )
 
 
 def compute_dtype(dtype: str, mixed_precision: str, device) -> torch.dtype:
@@ -33,8 +34,9 @@ def compute_dtype(dtype: str, mixed_precision: str, device) -> torch.dtype:
     return DTYPES[dtype] or MIXED_PRECISION_DTYPES.get(mixed_precision) or default_compute_dtype(device)
 
 
-def build_lora_model(model_name: str, lora: LoraArguments, tokenizer, device, *, dtype: torch.dtype,
-                     load_in_4bit: bool = False):
+def build_lora_model(
+    model_name: str, lora: LoraArguments, tokenizer, device, *, dtype: torch.dtype, load_in_4bit: bool = False
+):
     """The frozen base with LoRA adapters on `lora.lora_target_modules`; adapter weights in fp32."""
     from utils.model_loading import silence_library_noise
 
@@ -50,8 +52,13 @@ def build_lora_model(model_name: str, lora: LoraArguments, tokenizer, device, *,
     n_embeddings = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > n_embeddings:
         raise ModelLoadError(f"tokenizer has {len(tokenizer)} tokens but the model only {n_embeddings}")
-    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                        target_modules=lora.lora_target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, config)
     for p in model.parameters():  # fp32 even over a bf16 base: clipping and noise happen here
         if p.requires_grad:
@@ -71,7 +78,9 @@ def backward_examples(model, batch, params, dp: bool, logical_batch_size: int) -
     finite = torch.isfinite(example_losses)
     if dp or finite.all():
         kept_sum = example_losses[finite].sum()
-    elif finite.any():  # 0 * NaN in the backward would still reach the summed gradient: redo without those rows
+    elif (
+        finite.any()
+    ):  # 0 * NaN in the backward would still reach the summed gradient: redo without those rows
         kept_sum = per_example_loss(model, {k: v[finite] for k, v in batch.items()}).sum()
     else:
         kept_sum = None
@@ -82,7 +91,9 @@ def backward_examples(model, batch, params, dp: bool, logical_batch_size: int) -
 
 
 @torch.no_grad()
-def answer_nll(model, examples: list[dict], batch_size: int, pad_token_id: int, progress: bool = False) -> list[float]:
+def answer_nll(
+    model, examples: list[dict], batch_size: int, pad_token_id: int, progress: bool = False
+) -> list[float]:
     """Per example: the mean NLL of its answer tokens (EOS included) under teacher forcing.
 
     The quantity training minimises and logs as eval/loss, and evaluate_qa.py reports as NLL.
@@ -95,14 +106,20 @@ def answer_nll(model, examples: list[dict], batch_size: int, pad_token_id: int, 
     model.eval()
     device = next(model.parameters()).device
     values = []
-    for start in tqdm(range(0, len(examples), batch_size), desc="answer NLL", unit="batch", disable=not progress):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
+    for start in tqdm(
+        range(0, len(examples), batch_size), desc="answer NLL", unit="batch", disable=not progress
+    ):
+        batch = {
+            k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_token_id).items()
+        }
         values.extend(per_example_loss(model, batch).float().cpu().tolist())
     model.train(was_training)
     return values
 
 
-def cards_answer_nll(model, tokenizer, cards: list[dict], batch_size: int = 8, progress: bool = False) -> list[float]:
+def cards_answer_nll(
+    model, tokenizer, cards: list[dict], batch_size: int = 8, progress: bool = False
+) -> list[float]:
     """answer_nll of flashcards {instruction, input, output} under the training prompt."""
     from utils.prompt import encode_example
 
