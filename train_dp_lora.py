@@ -248,17 +248,15 @@ class Trainer:
             )
             losses.append(example_losses)
             self.counters["nonfinite_examples"] += nonfinite
-            if (
-                dp and i < len(batches) - 1
-            ):  # clip and accumulate this physical batch; noise once per logical batch
+            # clip and accumulate this physical batch; noise once per logical batch
+            if dp and i < len(batches) - 1:
                 self.optimizer.signal_skip_step(do_skip=True)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
             if i == 0:
                 crash_point(f"step_{self.scheduler.last_epoch + 1}:mid")  # test-only (utils/run_dir.py)
-        if (
-            not batches
-        ):  # an empty draw, or an empty share of it: this rank still steps and joins the all-reduce
+        # an empty draw, or an empty share of it: this rank still steps and joins the all-reduce
+        if not batches:
             self.counters["empty_steps"] += int(not drawn)
             privacy.prepare_empty_step(self.params, dp)
         if self.world > 1 and not dp:
@@ -397,9 +395,8 @@ def resume(run: RunDir, args, trainer: Trainer, identity: dict) -> int:
     resumes_file = path / "resumes.json"
     earlier = read_json(resumes_file)["resumes"] if resumes_file.is_file() else []
     forks = saved.forks
-    if (
-        saved.secure_mode and earlier
-    ):  # a seeded resume replays the same draws and noise; a secure one does not
+    # a seeded resume replays the same draws and noise; a secure one does not
+    if saved.secure_mode and earlier:
         if not args.privacy.accept_forked_resume:
             raise cli.ArgumentErrors(
                 [
@@ -469,24 +466,29 @@ def run_summary(args, trainer: Trainer, data: Data, start_step: int) -> str:
 # -----------------------------------------------------------------------------
 
 
-def main(args) -> dict:
+@dataclass
+class Session:
+    """The process's place in the run: its accelerator (rank, device), the run directory, and how it prints."""
+
+    accelerator: object
+    run: RunDir
+    say: object  # print on global rank 0, nothing elsewhere
+    wandb_mode: str | None
+
+
+def start_session(args) -> Session:
+    """Check the output directory (nothing is written yet) and start Accelerate and the seeds."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from utils.model_loading import load_tokenizer
-
-    validate_args(args)
-    m, t = args.model, args.training
+    t = args.training
     run = RunDir(t.output_dir)
     if not t.resume_from_checkpoint and run.holds_a_run() and not t.overwrite_output_dir:
         raise RunDirError(
             f"{run.root} already holds a run; pass --overwrite_output_dir to replace it, "
             "or --resume_from_checkpoint latest to continue it"
         )
-    if (
-        t.resume_from_checkpoint
-    ):  # a missing checkpoint is one line at once, before the model and data are loaded
+    if t.resume_from_checkpoint:  # a missing checkpoint is one line at once, before model and data load
         run.find_checkpoint(t.resume_from_checkpoint)
     wandb_mode = tracking.prepare_wandb_environment() if t.report_to == "wandb" else None
     accelerator = Accelerator(
@@ -496,26 +498,35 @@ def main(args) -> dict:
     )
     distributed.check_launch(accelerator)
     set_seed(t.seed, device_specific=True)  # rank r: seed + r (dropout); LoRA init comes from rank 0
-    say = print if accelerator.is_main_process else (lambda *a, **k: None)  # global rank 0 only
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
+    return Session(accelerator, run, say, wandb_mode)
 
-    tokenizer = load_tokenizer(m.model)
+
+def set_up(args, session: Session) -> tuple[Trainer, Data, dict, int]:
+    """Data, plan, model and optimizer, and the checkpoint to resume from: (trainer, data, identity, start step)."""
+    from utils.model_loading import load_tokenizer
+
+    accelerator = session.accelerator
+    tokenizer = load_tokenizer(args.model.model)
     data = prepare_data(args, tokenizer)
     validate_against_data(args, len(data.train))
     record, budget = plan_privacy(args, len(data.train), accelerator.num_processes, data.spec)
     model = build_model(args, tokenizer, accelerator.device, accelerator.mixed_precision)
     identity = run_identity(args, data, tokenizer, model)
-    if (
-        accelerator.num_processes > 1
-    ):  # e.g. nodes reading different data or tokenizers would process other rows
+    if accelerator.num_processes > 1:  # nodes reading other data or tokenizers would process other rows
+        lengths = [len(e["input_ids"]) for e in data.train]
         distributed.check_same_on_all_ranks(
-            "the privacy plan, data and tokenizer",
-            [record.to_json(), identity, [len(e["input_ids"]) for e in data.train]],
-            accelerator.device,
+            "the privacy plan, data and tokenizer", [record.to_json(), identity, lengths], accelerator.device
         )
     trainer = Trainer(args, record, budget, model, tokenizer, data, accelerator)
-    start_step = resume(run, args, trainer, identity) if t.resume_from_checkpoint else 0
+    start_step = resume(session.run, args, trainer, identity) if args.training.resume_from_checkpoint else 0
+    return trainer, data, identity, start_step
 
-    resolved = cli.to_dict(args)  # the run is known to start: only now is anything written
+
+def open_run(args, session: Session, trainer: Trainer, data: Data, start_step: int) -> dict:
+    """The run is known to start: only now is anything written. Returns the resolved arguments."""
+    t, run, accelerator = args.training, session.run, session.accelerator
+    resolved = cli.to_dict(args)
     if accelerator.is_main_process:
         run.open_private() if t.resume_from_checkpoint else run.start(overwrite=t.overwrite_output_dir)
         write_json_atomic(run.args_file, resolved)
@@ -526,42 +537,48 @@ def main(args) -> dict:
         config=tracking.flatten_config(resolved),
         init_kwargs=tracking.tracker_init_kwargs(t.report_to, str(run.tracking_dir)),
     )
-    say(run_summary(args, trainer, data, start_step))
-    if wandb_mode:
-        say(
-            f"  W&B: {wandb_mode}"
-            + (f", run stored in {tracking.wandb_run_dir(accelerator)}" if wandb_mode == "offline" else "")
-        )
+    session.say(run_summary(args, trainer, data, start_step))
+    if session.wandb_mode == "offline":
+        session.say(f"  W&B: offline, run stored in {tracking.wandb_run_dir(accelerator)}")
+    elif session.wandb_mode:
+        session.say(f"  W&B: {session.wandb_mode}")
+    return resolved
 
-    model.train()
+
+def main(args) -> dict:
+    from tqdm.auto import tqdm
+
+    validate_args(args)
+    session = start_session(args)
+    trainer, data, identity, start_step = set_up(args, session)
+    resolved = open_run(args, session, trainer, data, start_step)
+    t, record, accelerator = args.training, trainer.record, session.accelerator
+
+    trainer.model.train()
     progress = tqdm(
         total=record.planned_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train"
     )
     steps_taken = start_step
     for step in range(start_step, record.planned_steps):
-        if step >= budget:
-            say(
-                f"Stopping before step {step + 1}: it would take epsilon past the target {args.privacy.epsilon}"
+        if step >= trainer.budget:
+            session.say(
+                f"Stopping before step {step + 1}: it would take epsilon past the target {record.target_epsilon}"
             )
             break
-        loss = trainer.step(trainer.draw(step))
+        loss = trainer.step(trainer.draw(step))  # draw, then clip, noise once, step
         steps_taken = step + 1
         epsilon = trainer.epsilon(steps_taken)
-        metrics = {
-            "train/loss": loss,
-            "train/lr": trainer.scheduler.get_last_lr()[0],
-            "privacy/epsilon": epsilon,
-            "privacy/delta": record.delta,
-        }
+        metrics = {"train/loss": loss, "train/lr": trainer.scheduler.get_last_lr()[0],
+                   "privacy/epsilon": epsilon, "privacy/delta": record.delta}  # fmt: skip
         if t.eval_steps and steps_taken % t.eval_steps == 0 and data.validation:
             metrics["eval/loss"] = trainer.eval_loss()
         accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=steps_taken)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.3f}", eps=progress_epsilon(record, epsilon))
-        maybe_checkpoint(run, trainer, steps_taken, loss, identity, resolved, accelerator)
+        maybe_checkpoint(session.run, trainer, steps_taken, loss, identity, resolved, accelerator)
     progress.close()
-    results = finish(run, trainer, steps_taken, identity, resolved, accelerator, data)
-    say(final_summary(run, trainer, results))
+    results = finish(session.run, trainer, steps_taken, identity, resolved, accelerator, data)
+    session.say(final_summary(session.run, trainer, results))
     return results
 
 

@@ -827,9 +827,8 @@ def part_correctness(ctx, clock) -> dict:
     lora_b = [p for name, p in model.named_parameters() if p.requires_grad and "lora_B" in name]
     saved_b = [p.detach().clone() for p in lora_b]
     generator = torch.Generator(device="cpu").manual_seed(ctx.args.check.seed)
-    with (
-        torch.no_grad()
-    ):  # LoRA B starts at 0, which makes every lora_A gradient exactly 0: give both a signal
+    # LoRA B starts at 0, which makes every lora_A gradient exactly 0: give both a signal
+    with torch.no_grad():
         for p in lora_b:
             p.copy_(torch.randn(p.shape, generator=generator).to(p) * 1e-2)
     try:
@@ -1135,9 +1134,8 @@ def search_batch(ctx, model, params, name: str, seq_len: int, clock) -> dict:
                 if candidate <= lo or clock.expired():
                     break
                 ok, _ = attempt(candidate)
-                if (
-                    ok and hi is None
-                ):  # the prediction itself fits: peak memory is linear in B, so that is the limit
+                # the prediction itself fits: peak memory is linear in B, so that is the limit
+                if ok and hi is None:
                     lo = candidate
                     break
                 lo, hi = (candidate, hi) if ok else (lo, candidate)

@@ -175,9 +175,8 @@ def test_logged_epsilon_never_understates_and_is_exact_every_k_steps_and_at_the_
         exact = accountant.get_epsilon(delta)
         value = logged.after(step)
         assert value >= exact - 1e-12
-        if (
-            step % 5 == 0 or step == last
-        ):  # the same fp64 computation on the same history: equal (rel 1e-12 spare)
+        # the same fp64 computation on the same history: equal (rel 1e-12 spare)
+        if step % 5 == 0 or step == last:
             assert value == pytest.approx(exact, rel=1e-12)
         else:  # the next exact step's epsilon, capped at the last step
             assert value == pytest.approx(

@@ -329,9 +329,8 @@ def _embedded_model_dir() -> Path:
     started = time.time()
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     building_prefix = f".{EMBEDDED_MODEL}-building-"
-    for stale in cache_dir.parent.glob(
-        building_prefix + "*"
-    ):  # left by a killed run; an hour is far past any live one
+    # left by a killed run; an hour is far past any live one
+    for stale in cache_dir.parent.glob(building_prefix + "*"):
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     # build everything in a temp dir beside the cache, then rename: a killed run never leaves half a cache

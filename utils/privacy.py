@@ -153,9 +153,8 @@ def calibrate_noise(
 def eps_rdp_floor(steps: int, sample_rate: float, delta: float) -> float:
     import warnings
 
-    with (
-        warnings.catch_warnings()
-    ):  # at this sigma the optimum is past any order: the value is still an upper bound
+    # at this sigma the optimum is past any order: the value is still an upper bound
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return epsilon_after(steps, MAX_NOISE_MULTIPLIER, sample_rate, delta, "rdp")
 

@@ -78,9 +78,8 @@ def backward_examples(model, batch, params, dp: bool, logical_batch_size: int) -
     finite = torch.isfinite(example_losses)
     if dp or finite.all():
         kept_sum = example_losses[finite].sum()
-    elif (
-        finite.any()
-    ):  # 0 * NaN in the backward would still reach the summed gradient: redo without those rows
+    # 0 * NaN in the backward would still reach the summed gradient: redo without those rows
+    elif finite.any():
         kept_sum = per_example_loss(model, {k: v[finite] for k, v in batch.items()}).sum()
     else:
         kept_sum = None
