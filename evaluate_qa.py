@@ -68,6 +68,17 @@ PREDICTIONS_FILE = "predictions.jsonl"
 CURVE_FILE = "privacy_utility.png"
 BASE_NAME = "base"
 METRIC_NAMES = ("exact_match", "f1", "rougeL", "content_f1", "content_recall", "nll", "perplexity")
+PREDICTION_FIELDS = (
+    "question",
+    "reference",
+    "prediction",
+    "em",
+    "f1",
+    "rougeL",
+    "content_f1",
+    "content_recall",
+    "nll",
+)
 ECHO_NAME = "question_echo"  # the question itself as the answer: the floor overlap metrics give for free
 
 
@@ -395,6 +406,26 @@ def _label(source: str) -> str:
     return Path(source).name if os.path.exists(source) else source
 
 
+def seed_groups(entries: list[dict]) -> list[dict]:
+    """Entries of one kind grouped by target epsilon (runs that differ only by seed): epsilon spent (the
+    largest, an upper bound for each), per-metric mean and standard deviation, and the run count."""
+    import statistics
+
+    by_target = {}
+    for entry in entries:
+        by_target.setdefault(entry.get("target_epsilon"), []).append(entry)
+    groups = []
+    for members in by_target.values():
+        keys = [k for k in members[0]["metrics"] if all(math.isfinite(m["metrics"][k]) for m in members)]
+        groups.append({
+            "epsilon": max((m["epsilon"] for m in members), default=math.inf),
+            "n": len(members),
+            "mean": {k: statistics.fmean(m["metrics"][k] for m in members) for k in keys},
+            "std": {k: statistics.stdev([m["metrics"][k] for m in members]) if len(members) > 1 else 0.0 for k in keys},
+        })  # fmt: skip
+    return sorted(groups, key=lambda g: g["epsilon"])
+
+
 def plot_privacy_utility(
     entries: list[dict], path: str, *, model: str, dataset: str, split: str, n: int
 ) -> str:
@@ -418,19 +449,18 @@ def plot_privacy_utility(
     grid = fig.add_gridspec(1, 2, width_ratios=[5, 1] if public else [1, 0.0001], wspace=0.06)
     left = fig.add_subplot(grid[0])
     right = fig.add_subplot(grid[1], sharey=left)
-    epsilons = [e["epsilon"] for e in private]
+    groups = seed_groups(private)  # runs at one target epsilon (e.g. several seeds) become one point
+    epsilons = [g["epsilon"] for g in groups]
     for key, label, color, marker, offset in series:
-        left.plot(
-            epsilons,
-            [e["metrics"][key] for e in private],
-            marker=marker,
-            color=color,
-            label=f"{label}, DP fine-tuned",
-        )
-        for e in private:
+        means, spreads = [g["mean"][key] for g in groups], [g["std"][key] for g in groups]
+        left.errorbar(
+            epsilons, means, yerr=spreads, marker=marker, color=color, capsize=3,
+            label=f"{label}, DP fine-tuned" + (" (mean +- std over seeds)" if any(g["n"] > 1 for g in groups) else ""),
+        )  # fmt: skip
+        for g in groups:
             left.annotate(
-                f"{e['metrics'][key]:.3f}",
-                (e["epsilon"], e["metrics"][key]),
+                f"{g['mean'][key]:.3f}",
+                (g["epsilon"], g["mean"][key]),
                 textcoords="offset points",
                 xytext=(0, offset),
                 ha="center",
@@ -438,10 +468,13 @@ def plot_privacy_utility(
                 color=color,
             )
         if public:
-            values = [e["metrics"][key] for e in public]
-            right.plot(
-                [0] * len(values),
+            public_group = seed_groups(public)[0]
+            values, spread = [public_group["mean"][key]], [public_group["std"][key]]
+            right.errorbar(
+                [0],
                 values,
+                yerr=spread,
+                capsize=3,
                 linestyle="none",
                 marker=marker,
                 markersize=9,
@@ -565,18 +598,7 @@ def log_to_tracker(
             for e in entries
         ],
     )
-    columns = [
-        "model",
-        "question",
-        "reference",
-        "prediction",
-        "em",
-        "f1",
-        "rougeL",
-        "content_f1",
-        "content_recall",
-        "nll",
-    ]
+    columns = ["model", *PREDICTION_FIELDS]
     table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in predictions])
     logged = {"eval/summary": summary, "eval/predictions": table}
     if curve_path:

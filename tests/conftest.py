@@ -81,22 +81,11 @@ def bundled_cards() -> list[dict]:
 
 
 def build_gemma_style_tokenizer(texts: list[str], vocab_size: int = 2000):
-    """A byte-fallback BPE trained here, wrapped as a GemmaTokenizer (pad 0, eos 1, bos 2, like Gemma)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import GemmaTokenizer
+    """A byte-fallback BPE trained here, wrapped as a GemmaTokenizer (bench/offline_model.py: the GPU check
+    builds the same tokenizer without pytest)."""
+    from bench.offline_model import build_gemma_style_tokenizer as build
 
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
-    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
-    bpe.normalizer = normalizers.Replace(" ", "\u2581")
-    bpe.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
-    bpe.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_pieces)
-    )
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    tokenizer = GemmaTokenizer(vocab=bpe.get_vocab(), merges=merges, add_bos_token=True)
-    tokenizer.padding_side = "right"
-    return tokenizer
+    return build(texts, vocab_size)
 
 
 def build_tiny_vaultgemma(vocab_size: int, seed: int = 0, **overrides):

@@ -544,3 +544,15 @@ def test_content_scores_give_no_credit_for_repeating_the_question():
     assert (
         metrics.content_recall("", "Insulin.", "What is insulin?") == 1.0
     )  # nothing beyond the question to say
+
+
+def test_seed_groups_average_runs_at_one_target_and_keep_the_largest_epsilon_spent():
+    def run(target, spent, f1):
+        return {"target_epsilon": target, "epsilon": spent, "metrics": {"f1": f1, "nll": math.nan}}
+
+    groups = evaluate_qa.seed_groups([run(8, 7.99, 0.2), run(3, 2.99, 0.1), run(8, 7.98, 0.4)])
+    assert [(g["n"], g["epsilon"]) for g in groups] == [(1, 2.99), (2, 7.99)]  # sorted by epsilon
+    assert groups[1]["mean"]["f1"] == pytest.approx(0.3)
+    assert groups[1]["std"]["f1"] == pytest.approx(0.1 * 2**0.5)  # the sample std of 0.2 and 0.4
+    # a NaN metric is left out, not averaged
+    assert groups[0]["std"]["f1"] == 0.0 and "nll" not in groups[1]["mean"]
