@@ -266,3 +266,125 @@ def test_group_privacy_matches_the_chained_bound_computed_directly():
         direct = delta * sum(math.exp(i * eps) for i in range(k))  # the chain x_0 ~ x_1 ~ ... ~ x_k
         assert g_eps == k * eps and direct <= g_delta * (1 + 1e-12)
         assert g_delta == pytest.approx(k * math.exp((k - 1) * eps) * delta, rel=1e-15)
+
+
+# -----------------------------------------------------------------------------
+# end to end on the bundled student file
+
+# every field an example-level privacy_report.json had before user-level DP existed
+EXAMPLE_REPORT_FIELDS = {
+    "dp_enabled", "target_epsilon", "delta", "noise_multiplier", "sample_rate", "max_grad_norm",
+    "expected_batch_size", "planned_steps", "accountant", "n_train", "secure_mode", "world_size", "draw_split",
+    "split", "unit", "neighbouring_relation", "sampling", "steps_taken", "accountant_history", "epsilon",
+    "epsilon_rdp", "epsilon_replace_one", "selected_on_private_data", "selection", "lineage", "forks",
+    "epsilon_with_forks", "threat_model", "guarantee", "not_covered", "dp_event",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def user_run(train_run):
+    return train_run(*USER, dataset=str(STUDENTS))
+
+
+def test_accountant_is_charged_at_q_user_with_n_users_and_dp_accounting_agrees(user_run):
+    report = read(user_run / "adapter" / "privacy_report.json")
+    summary = read(user_run / "private_run_record" / "data_summary.json")
+    n_users = summary["n_train_users"]
+    assert report["n_users"] == n_users < report["n_train"] == summary["n_train"]
+    assert report["sample_rate"] == report["expected_batch_size"] / n_users == 8 / n_users
+    assert report["accountant_history"] == [[report["noise_multiplier"], 8 / n_users, 2]]
+    assert report["delta"] < 1 / n_users and report["delta"] == privacy.default_delta(n_users)
+    assert report["user_column"] == "student_id" and report["max_examples_per_user"] == 4
+    assert report["unit"] == "one user: every row sharing `student_id`"
+    pld, rdp = independent_epsilons(dp_accounting_event(report["dp_event"]), report["delta"])
+    assert_honest(report["epsilon"], report["target_epsilon"], pld, rdp, "prv")
+
+
+def test_user_level_report_card_and_guarantee_line_name_the_user(user_run):
+    record = PrivacyRecord.read(user_run / "adapter" / "privacy_report.json")
+    assert "one user, all rows sharing `student_id`" in record.guarantee_line()
+    card = (user_run / "adapter" / "README.md").read_text()
+    assert "Privacy unit: one user: every row sharing `student_id`" in card
+    assert "at most 4 random rows of each sampled user" in card and "user added or removed" in card
+    spec = data.SplitSpec.from_json(record.split)
+    assert spec.user_column == "student_id"  # evaluate_qa recomputes held-out users from this
+
+
+@pytest.mark.numerics
+def test_user_level_resume_continues_to_the_same_adapters_bitwise(
+    user_run, train_run, tiny_model_dir, tmp_path
+):
+    from safetensors.torch import load_file
+
+    resumed = tmp_path / "resumed"
+    argv = ["--model", tiny_model_dir, "--dataset", str(STUDENTS), "--output_dir", str(resumed)]
+    from conftest import TINY_RUN
+
+    train_dp_lora.main(
+        train_dp_lora.parse_args(
+            [
+                *argv,
+                *TINY_RUN,
+                *USER,
+                "--resume_from_checkpoint",
+                str(user_run / "private_run_record" / "checkpoints" / "step_000001"),
+            ]
+        )
+    )
+    a = load_file(str(user_run / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read(resumed / "adapter" / "privacy_report.json")["epsilon"] == pytest.approx(
+        read(user_run / "adapter" / "privacy_report.json")["epsilon"], rel=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [["--max_examples_per_user", "2"], ["--privacy_unit", "example"], ["--user_column", "other"]],
+    ids=["K", "unit", "column"],
+)
+def test_resume_refuses_a_change_of_unit_column_or_k(user_run, tiny_model_dir, tmp_path, change, capsys):
+    from conftest import TINY_RUN
+
+    path = STUDENTS
+    if change[0] == "--user_column":  # the same ids under another column name
+        rows = [dict(r, other=r["student_id"]) for r in student_rows()]
+        path = Path(write_cards(tmp_path / "s.jsonl", rows))
+    argv = ["--model", tiny_model_dir, "--dataset", str(path), "--output_dir", str(tmp_path / "o"), *TINY_RUN]
+    checkpoint = str(user_run / "private_run_record" / "checkpoints" / "step_000001")
+    assert train_dp_lora.cli_main([*argv, *USER, *change, "--resume_from_checkpoint", checkpoint]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err
+
+
+def test_example_level_with_a_user_column_reports_group_privacy_for_the_largest_user(train_run):
+    out = train_run("--user_column", "student_id", dataset=str(STUDENTS))
+    report = read(out / "adapter" / "privacy_report.json")
+    summary = read(out / "private_run_record" / "data_summary.json")
+    assert set(report) == EXAMPLE_REPORT_FIELDS  # still an example-level report
+    # the largest training user, directly from the data and the split
+    cards, _ = data.clean_rows(student_rows(), user_column="student_id")
+    spec = data.SplitSpec.from_json(report["split"])
+    k = max(
+        collections.Counter(c["student_id"] for c in cards if data.assign_split(c, spec) == "train").values()
+    )
+    g = summary["group_privacy"]
+    assert g["largest_user_rows"] == k > 1
+    assert g["epsilon"] == k * report["target_epsilon"]
+    assert g["delta"] == pytest.approx(
+        k * math.exp((k - 1) * report["target_epsilon"]) * report["delta"], rel=1e-12
+    )
+
+
+def test_example_level_runs_keep_exactly_their_report_fields(train_run):
+    report = read(train_run() / "adapter" / "privacy_report.json")
+    assert set(report) == EXAMPLE_REPORT_FIELDS
+    assert report["unit"] == "example: one row (flashcard) of the training split"
+    assert set(report["split"]) == {
+        "seed",
+        "validation_fraction",
+        "test_fraction",
+        "train_sample_fraction",
+        "method",
+    }

@@ -128,7 +128,7 @@ class TrainingArguments:
     )
     logical_batch_size: int = field(
         default=64,
-        metadata={"help": "expected rows per optimizer step (q = this / N); users with --privacy_unit user"},
+        metadata={"help": "expected rows per optimizer step (q = this / N); expected users at user level"},
     )
     per_device_train_batch_size: int = field(
         default=8, metadata={"help": "rows per forward/backward (memory only)"}
