@@ -241,7 +241,8 @@ def load_eval_cards(
             f"{first['adapter_dir']} is a bundle without its private run record: pass --dataset "
             "with the data file it was trained on (its held-out rows are recomputed) or with other cards"
         )
-    cards, _ = clean_rows(read_rows(source_name))
+    # a user-level run's split is by user id: the cards then carry its user column
+    cards, _ = clean_rows(read_rows(source_name), user_column=first["spec"].user_column)
     if split == "all":
         source = {"dataset": source_name, "split": "all rows"}
     else:

@@ -20,6 +20,20 @@ Privacy contract (each clause lives in one named place)
 - Release: OUT/adapter/ (utils/run_dir.py) holds only the adapters, the tokenizer, NOTICE, the public
   privacy report and the model card. Everything derived from the data (losses, counts, fingerprints,
   checkpoints, logs, the noise seed) goes to OUT/private_run_record/, outside epsilon.
+- User level (--privacy_unit user --user_column COL): the unit is one user, every row sharing COL;
+  neighbours add or remove one user with all their rows. The split hashes the user id (all of a user's
+  rows in one split); Poisson sampling is over users, q = logical_batch_size / N_users; each sampled
+  user contributes at most K = --max_examples_per_user rows, chosen at random (seeded by (seed, step,
+  user), or the CSPRNG); the user's gradient is the mean of its chosen rows' gradients, clipped to C as
+  ONE vector (all its rows share one physical batch, so K <= --per_device_train_batch_size); noise once,
+  divided by the expected number of users; the accountant runs at N_users and q_user, delta < 1/N_users.
+  Memory: a physical batch must hold a user's K rows, and per-sample gradients are per row until they
+  are summed per user (utils/privacy.py sum_grad_samples_by_user), so peak memory is as today's for
+  a physical batch of that many rows.
+- Group privacy (example unit with --user_column): an (eps, delta)-DP run protects a user with k rows
+  at (k eps, k e^{(k-1) eps} delta), the standard group-privacy bound (Dwork and Roth 2014, Section 2.3;
+  utils/privacy.py group_privacy, which derives it), printed and put in the private data summary
+  for the largest user's k (computed at the target epsilon).
 - Threat model: with the default seeded randomness the guarantee holds only against someone who does
   not know the seed; --secure_mode takes sampling and noise from the OS CSPRNG.
 
@@ -41,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from utils import cli, distributed, privacy, tracking, training
+from utils import cli, distributed, privacy, privacy_record, tracking, training
 from utils.data import (
     BUNDLED_DATASET,
     DataError,
@@ -50,6 +64,8 @@ from utils.data import (
     collate,
     fingerprint,
     is_local_source,
+    check_user_column,
+    group_by_user,
     read_rows,
 )
 from utils.data import split_cards, tokenize_cards
@@ -84,15 +100,30 @@ class Data:
     spec: SplitSpec
     summary: dict  # private: source, cleaning and split counts
     fingerprint: str  # private: identity of the cleaned dataset, for resume
+    users: list[list[int]] | None = None  # private: each training user's example indices (user unit only)
+    rows_per_user: list[int] | None = None  # private: with --user_column, training rows of each user
 
 
 def prepare_data(args, tokenizer) -> Data:
     """Read, clean, split by keyed hash, tokenize; one line naming the problem if too few rows remain."""
-    d = args.data
-    cards, cleaning = clean_rows(read_rows(d.dataset))
-    spec = SplitSpec(d.split_seed, d.validation_fraction, d.test_fraction, d.train_sample_fraction)
+    d, p = args.data, args.privacy
+    rows = read_rows(d.dataset)
+    column = p.user_column
+    if column:
+        check_user_column(d.dataset, rows, column)
+    cards, cleaning = clean_rows(rows, user_column=column)
+    by_user = p.privacy_unit == "user"
+    spec = SplitSpec(
+        d.split_seed,
+        d.validation_fraction,
+        d.test_fraction,
+        d.train_sample_fraction,
+        user_column=column if by_user else None,
+    )
     split = split_cards(cards, spec)
-    train, too_long_train = tokenize_cards(tokenizer, [cards[i] for i in split["train"]], d.max_seq_length)
+    train, too_long_train = tokenize_cards(
+        tokenizer, [cards[i] for i in split["train"]], d.max_seq_length, user_column=column
+    )
     validation, too_long_val = tokenize_cards(
         tokenizer, [cards[i] for i in split["validation"]], d.max_seq_length
     )
@@ -120,16 +151,37 @@ def prepare_data(args, tokenizer) -> Data:
         n_test=len(split["test"]),
         n_unsampled=len(split["unsampled"]),
     )
-    return Data(train, validation, spec, summary, fingerprint(cards))
+    users = rows_per_user = None
+    if column:
+        groups = group_by_user(train, "user")
+        rows_per_user = [len(g) for g in groups]
+        summary.update(
+            user_column=column, n_train_users=len(groups), max_rows_per_user=max(rows_per_user, default=0)
+        )
+        if by_user:
+            users = groups
+            summary["rows_beyond_max_examples_per_user"] = sum(
+                max(0, k - p.max_examples_per_user) for k in rows_per_user
+            )  # never all used in one step; a different random K of them each time the user is drawn
+        for example in train:
+            del example["user"]
+    return Data(train, validation, spec, summary, fingerprint(cards), users, rows_per_user)
 
 
-def plan_privacy(args, n_train: int, world_size: int, spec: SplitSpec) -> tuple[PrivacyRecord, int]:
-    """The mechanism (q, sigma, delta, steps) and the step budget the accountant allows."""
+def plan_privacy(
+    args, n_train: int, world_size: int, spec: SplitSpec, n_users: int | None = None
+) -> tuple[PrivacyRecord, int]:
+    """The mechanism (q, sigma, delta, steps) and the step budget the accountant allows.
+
+    At user level (n_users given) N is the number of training users: q = L / N_users, an epoch is
+    N_users / L steps, the default delta is below 1/N_users; n_train stays the row count.
+    """
     p, t = args.privacy, args.training
-    q = t.logical_batch_size / n_train
-    steps = privacy.planned_steps(n_train, t.logical_batch_size, t.num_train_epochs, t.max_steps)
+    n = n_users if n_users is not None else n_train
+    q = t.logical_batch_size / n
+    steps = privacy.planned_steps(n, t.logical_batch_size, t.num_train_epochs, t.max_steps)
     dp = not p.disable_dp
-    delta = (p.delta if p.delta is not None else privacy.default_delta(n_train)) if dp else None
+    delta = (p.delta if p.delta is not None else privacy.default_delta(n)) if dp else None
     sigma = privacy.calibrate_noise(p.epsilon, delta, q, steps, p.accountant) if dp else 0.0
     budget = privacy.step_budget(p.epsilon, delta, sigma, q, p.accountant, steps) if dp else steps
     record = PrivacyRecord(
@@ -148,7 +200,27 @@ def plan_privacy(args, n_train: int, world_size: int, spec: SplitSpec) -> tuple[
         draw_split=distributed.DRAW_SPLIT,
         split=spec.to_json(),
     )
+    if n_users is not None:
+        column = p.user_column
+        record.unit = privacy_record.user_unit(column)
+        record.neighbouring_relation = privacy_record.user_relation(column)
+        record.user_column, record.n_users = column, n_users
+        record.max_examples_per_user = p.max_examples_per_user
     return record, budget
+
+
+def group_privacy_summary(args, record: PrivacyRecord, rows_per_user: list[int]) -> dict:
+    """Example-level run with --user_column: what the guarantee says about the largest user (private)."""
+    k = max(rows_per_user, default=0)
+    summary = {"user_column": args.privacy.user_column, "largest_user_rows": k}
+    if record.dp_enabled and k:
+        epsilon, delta = privacy.group_privacy(record.target_epsilon, record.delta, k)
+        summary.update(
+            epsilon=epsilon,
+            delta=delta,
+            formula="(k eps, k e^((k-1) eps) delta) at the target eps and delta (group privacy)",
+        )
+    return summary
 
 
 def run_identity(args, data: Data, tokenizer, model) -> dict:
@@ -222,30 +294,66 @@ class Trainer:
                 t.epsilon_log_steps,
                 min(record.planned_steps, budget),
             )
+        self.users = data.users  # None: example level
         self.sampler = privacy.PoissonSampler(
-            len(self.train), record.sample_rate, t.seed, secure_mode=p.secure_mode
+            len(self.users) if self.users is not None else len(self.train),
+            record.sample_rate,
+            t.seed,
+            secure_mode=p.secure_mode,
         )
         self.lengths = [len(e["input_ids"]) for e in self.train]
+        if self.users is not None:  # a user's longest row: how users are dealt to ranks and batched
+            self.user_lengths = [max(self.lengths[r] for r in rows) for rows in self.users]
+        self.drawn_step = None
         self.counters = {"empty_steps": 0, "nonfinite_examples": 0}  # private: they depend on the data
         self.recent_losses = collections.deque(maxlen=t.loss_window)
 
     def draw(self, step: int) -> list[int]:
+        """The step's Poisson draw: row indices, or at user level user indices."""
+        self.drawn_step = step
         return distributed.global_draw(self.sampler, step, self.device, self.world)
+
+    def user_batches(self, mine: list[int]) -> list[tuple[list[int], list[int]]]:
+        """This rank's sampled users as physical batches of (rows, user of each row), at most K rows each."""
+        p, t = self.args.privacy, self.args.training
+        chosen = [
+            privacy.choose_user_rows(
+                self.users[u], p.max_examples_per_user, t.seed, self.drawn_step, u, p.secure_mode
+            )
+            for u in mine
+        ]
+        return privacy.user_physical_batches(chosen, self.lengths, t.per_device_train_batch_size)
 
     def step(self, drawn: list[int]) -> float:
         """One logical batch: backward per physical batch, clip and accumulate, noise once; the step's loss."""
         dp, t = self.record.dp_enabled, self.args.training
-        mine = distributed.split_draw(drawn, self.lengths, self.rank, self.world)
-        batches = privacy.physical_batches(mine, self.lengths, t.per_device_train_batch_size)
+        by_user = self.users is not None
+        mine = distributed.split_draw(
+            drawn, self.user_lengths if by_user else self.lengths, self.rank, self.world
+        )
+        if by_user:
+            batches, owners = zip(*self.user_batches(mine)) if mine else ((), ())
+        else:
+            batches, owners = (
+                privacy.physical_batches(mine, self.lengths, t.per_device_train_batch_size),
+                None,
+            )
         losses = []
         for i, rows in enumerate(batches):
             batch = {
                 k: v.to(self.device)
                 for k, v in collate([self.train[r] for r in rows], self.tokenizer.pad_token_id).items()
             }
+            weights = None
+            if by_user:  # sum over rows of loss_row / k_u: each user's summed gradient is its rows' mean
+                user_of_row = torch.tensor(owners[i])
+                counts = torch.bincount(user_of_row)
+                weights = (1.0 / counts[user_of_row].double()).to(self.device)
             example_losses, nonfinite = training.backward_examples(
-                self.model, batch, self.params, dp, t.logical_batch_size
+                self.model, batch, self.params, dp, t.logical_batch_size, weights
             )
+            if by_user and dp:  # one per-sample gradient per user: the DP optimizer clips each user to C
+                privacy.sum_grad_samples_by_user(self.params, user_of_row, len(counts))
             losses.append(example_losses)
             self.counters["nonfinite_examples"] += nonfinite
             # clip and accumulate this physical batch; noise once per logical batch
@@ -269,7 +377,8 @@ class Trainer:
             finite = step_losses[torch.isfinite(step_losses)]
             loss = finite.mean().item() if len(finite) else float("nan")
         else:
-            loss = distributed.step_totals(step_losses, drawn, [r for b in batches for r in b], self.device)
+            processed = mine if by_user else [r for b in batches for r in b]  # users, or rows
+            loss = distributed.step_totals(step_losses, drawn, processed, self.device)
         if math.isfinite(loss):
             self.recent_losses.append(loss)
         return loss
@@ -452,7 +561,13 @@ def run_summary(args, trainer: Trainer, data: Data, start_step: int) -> str:
         f"  model {m.model} on {trainer.device}"
         + (f" and {trainer.world - 1} more processes" if trainer.world > 1 else "")
         + f"; trainable {n_trainable:,} of {n_total:,} parameters ({100 * n_trainable / n_total:.3f}%)\n"
-        f"  N (training rows) = {r.n_train}; validation {len(data.validation)}; test {data.summary['n_test']}\n"
+        + (
+            f"  N (training users, `{r.user_column}`) = {r.n_users}, holding {r.n_train} rows; at most "
+            f"{r.max_examples_per_user} rows of a sampled user per step\n"
+            if r.user_column
+            else ""
+        )
+        + f"  N (training rows) = {r.n_train}; validation {len(data.validation)}; test {data.summary['n_test']}\n"
         f"  skipped rows: {data.summary['skipped_empty']} empty, {data.summary['duplicates_dropped']} duplicates, "
         f"{data.summary['skipped_too_long']} too long\n"
         f"  logical batch (expected) = {t.logical_batch_size}, physical batch = {t.per_device_train_batch_size}, "
@@ -509,8 +624,11 @@ def set_up(args, session: Session) -> tuple[Trainer, Data, dict, int]:
     accelerator = session.accelerator
     tokenizer = load_tokenizer(args.model.model)
     data = prepare_data(args, tokenizer)
-    validate_against_data(args, len(data.train))
-    record, budget = plan_privacy(args, len(data.train), accelerator.num_processes, data.spec)
+    n_users = len(data.users) if data.users is not None else None
+    validate_against_data(args, n_users if n_users is not None else len(data.train))
+    record, budget = plan_privacy(args, len(data.train), accelerator.num_processes, data.spec, n_users)
+    if data.rows_per_user is not None and n_users is None:
+        data.summary["group_privacy"] = group_privacy_summary(args, record, data.rows_per_user)
     model = build_model(args, tokenizer, accelerator.device, accelerator.mixed_precision)
     identity = run_identity(args, data, tokenizer, model)
     if accelerator.num_processes > 1:  # nodes reading other data or tokenizers would process other rows
@@ -538,6 +656,13 @@ def open_run(args, session: Session, trainer: Trainer, data: Data, start_step: i
         init_kwargs=tracking.tracker_init_kwargs(t.report_to, str(run.tracking_dir)),
     )
     session.say(run_summary(args, trainer, data, start_step))
+    if "group_privacy" in data.summary and trainer.record.dp_enabled:
+        g = data.summary["group_privacy"]
+        session.say(
+            f"  group privacy (example unit): a user of `{g['user_column']}` with {g['largest_user_rows']} rows "
+            f"(the largest) is protected only at (k eps, k e^((k-1) eps) delta) = "
+            f"({format_epsilon(g['epsilon'])}, {g['delta']:.3g}); use --privacy_unit user to protect whole users"
+        )
     if session.wandb_mode == "offline":
         session.say(f"  W&B: offline, run stored in {tracking.wandb_run_dir(accelerator)}")
     elif session.wandb_mode:

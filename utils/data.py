@@ -133,10 +133,16 @@ def _as_text(value) -> str:
     return str(value).strip()
 
 
-def clean_rows(rows: list[dict]) -> tuple[list[dict], dict]:
-    """Rows with non-empty question and answer, exact duplicates dropped; counts of what was skipped."""
+def clean_rows(rows: list[dict], user_column: str | None = None) -> tuple[list[dict], dict]:
+    """Rows with non-empty question and answer, exact duplicates dropped; counts of what was skipped.
+
+    With `user_column` each kept card also carries that column's value (stripped text) under the same
+    name; a row whose user id is empty is skipped and counted (`skipped_no_user`), and duplicates are
+    only those of the same user (dropping user B's copy of user A's row would make removing A bring
+    B's row back: more than A's rows would change).
+    """
     kept, seen = [], set()
-    skipped_empty = duplicates = 0
+    skipped_empty = duplicates = skipped_no_user = 0
     for row in rows:
         card = {
             "instruction": _as_text(row.get("instruction")) or DEFAULT_INSTRUCTION,
@@ -146,13 +152,40 @@ def clean_rows(rows: list[dict]) -> tuple[list[dict], dict]:
         if not card["input"] or not card["output"]:
             skipped_empty += 1
             continue
-        key = row_hash(card)
+        if user_column is not None:
+            card[user_column] = _as_text(row.get(user_column))
+            if not card[user_column]:
+                skipped_no_user += 1
+                continue
+        key = (card[user_column], row_hash(card)) if user_column is not None else row_hash(card)
         if key in seen:
             duplicates += 1
             continue
         seen.add(key)
         kept.append(card)
-    return kept, {"rows_read": len(rows), "skipped_empty": skipped_empty, "duplicates_dropped": duplicates}
+    counts = {"rows_read": len(rows), "skipped_empty": skipped_empty, "duplicates_dropped": duplicates}
+    if user_column is not None:
+        counts["skipped_no_user"] = skipped_no_user
+    return kept, counts
+
+
+def check_user_column(source: str, rows: list[dict], user_column: str) -> None:
+    """One line naming the columns found when `user_column` is in no row."""
+    if user_column in COLUMNS:
+        raise DataError(f"--user_column {user_column!r} is a flashcard column; name the column of user ids")
+    present = set().union(*(row.keys() for row in rows))
+    if user_column not in present:
+        raise DataError(
+            f"{source}: no column {user_column!r} (--user_column); found {', '.join(sorted(map(str, present)))}"
+        )
+
+
+def group_by_user(items: list[dict], key: str) -> list[list[int]]:
+    """Indices of each user's items (item[key] is the user id), users in order of first appearance."""
+    users: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        users.setdefault(item[key], []).append(index)
+    return list(users.values())
 
 
 def row_hash(card: dict) -> str:
@@ -168,6 +201,10 @@ def fingerprint(cards: list[dict]) -> str:
     return digest.hexdigest()
 
 
+EXAMPLE_METHOD = "hmac-sha256 of the lowercased, whitespace-collapsed question and answer"
+USER_METHOD = "hmac-sha256 of the user id (the user_column value, stripped): every row of a user in one split"
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """How rows are assigned to splits: public parameters, written into the release bundle.
@@ -177,16 +214,29 @@ class SplitSpec:
     of the file changes the training set by at most that row, and anyone holding the data and this
     spec can recompute which rows were held out. Training rows are further kept with probability
     `train_sample_fraction`, from a second, independent keyed hash.
+
+    With `user_column` (user-level DP) both hashes are of the card's user id instead, so all of a
+    user's rows go to the same split and are kept or left out together: adding or removing one user
+    changes the training set by at most that user's rows. Cards must then carry the column
+    (clean_rows(rows, user_column)).
     """
 
     seed: int
     validation_fraction: float
     test_fraction: float
     train_sample_fraction: float = 1.0
-    method: str = "hmac-sha256 of the lowercased, whitespace-collapsed question and answer"
+    method: str = EXAMPLE_METHOD
+    user_column: str | None = None  # set: the hash is of the user id, so a user's rows share a split
+
+    def __post_init__(self):
+        if self.user_column is not None and self.method == EXAMPLE_METHOD:
+            object.__setattr__(self, "method", USER_METHOD)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.user_column is None:  # example-level specs keep exactly their earlier form
+            del data["user_column"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "SplitSpec":
@@ -199,20 +249,31 @@ def _normalised(card: dict) -> bytes:
     ).encode()
 
 
-def _keyed_uniform(purpose: str, seed: int, card: dict) -> float:
-    """A uniform in [0, 1) from HMAC(key = purpose and seed, message = the row's normalised content)."""
-    mac = hmac.new(f"{purpose}:{seed}".encode(), _normalised(card), hashlib.sha256).digest()
+def _keyed_uniform(purpose: str, seed: int, card: dict, user_column: str | None = None) -> float:
+    """A uniform in [0, 1) from HMAC(key = purpose and seed, message = the row's normalised content,
+    or with `user_column` the card's user id)."""
+    if user_column is None:
+        message = _normalised(card)
+    else:
+        if user_column not in card:
+            raise DataError(
+                f"the split is by user column {user_column!r}, which this card lacks; "
+                f"read the cards with clean_rows(rows, user_column={user_column!r})"
+            )
+        message = json.dumps(["user", str(card[user_column])], ensure_ascii=False).encode()
+    mac = hmac.new(f"{purpose}:{seed}".encode(), message, hashlib.sha256).digest()
     return int.from_bytes(mac[:8], "little") / 2.0**64
 
 
 def assign_split(card: dict, spec: SplitSpec) -> str:
-    """ "test", "validation", "train", or "unsampled" (a training row left out by train_sample_fraction)."""
-    u = _keyed_uniform("split", spec.seed, card)
+    """ "test", "validation", "train", or "unsampled" (a training row left out by train_sample_fraction);
+    by the card's user id when the spec has a user_column."""
+    u = _keyed_uniform("split", spec.seed, card, spec.user_column)
     if u < spec.test_fraction:
         return "test"
     if u < spec.test_fraction + spec.validation_fraction:
         return "validation"
-    if _keyed_uniform("train-sample", spec.seed, card) < spec.train_sample_fraction:
+    if _keyed_uniform("train-sample", spec.seed, card, spec.user_column) < spec.train_sample_fraction:
         return "train"
     return "unsampled"
 
@@ -225,14 +286,21 @@ def split_cards(cards: list[dict], spec: SplitSpec) -> dict[str, list[int]]:
     return split
 
 
-def tokenize_cards(tokenizer, cards: list[dict], max_seq_length: int) -> tuple[list[dict], int]:
-    """Training examples; a card longer than max_seq_length is skipped (truncation would drop its EOS)."""
+def tokenize_cards(
+    tokenizer, cards: list[dict], max_seq_length: int, user_column: str | None = None
+) -> tuple[list[dict], int]:
+    """Training examples; a card longer than max_seq_length is skipped (truncation would drop its EOS).
+
+    With `user_column` each example also carries its card's user id as example["user"].
+    """
     examples, too_long = [], 0
     for card in cards:
         example = encode_example(tokenizer, card["input"], card["output"], card["instruction"])
         if len(example["input_ids"]) > max_seq_length:
             too_long += 1
             continue
+        if user_column is not None:
+            example["user"] = card[user_column]
         examples.append(example)
     return examples, too_long
 

@@ -6,7 +6,7 @@ neighbouring relation, the threat model and what epsilon does not cover, in the 
 README's privacy section (both come from utils/privacy_record.py).
 """
 
-from utils.privacy_record import NOT_COVERED, PrivacyRecord, format_delta, format_epsilon
+from utils.privacy_record import PrivacyRecord, format_delta, format_epsilon
 
 # --model strings whose hub id is known (the embedded GGUF is Gemma 3 270M, a base model)
 KNOWN_HUB_IDS = {
@@ -33,6 +33,20 @@ def _yaml_list(items) -> str:
     return "".join(f"\n- {item}" for item in items)
 
 
+def split_line(split: dict, record: PrivacyRecord) -> str:
+    what, moved = (
+        (f"each user's split follows from a keyed hash of its `{record.user_column}` value", "user")
+        if record.user_column
+        else ("each row's split follows from a keyed hash of its own content", "row")
+    )
+    kept = "users" if record.user_column else "rows"
+    return (
+        f"{what} (seed {split.get('seed')}, validation\n  {split.get('validation_fraction')}, test "
+        f"{split.get('test_fraction')}, training {kept} kept with probability\n  "
+        f"{split.get('train_sample_fraction')}), so one {moved} added or removed never moves another."
+    )
+
+
 def model_card(record: PrivacyRecord, base_model: str, lora: dict, split: dict) -> str:
     hub_id = hub_base_model(base_model)
     tags = ["differential-privacy", "dp-sgd", "lora", "peft", "medical", "opacus", "text-generation"]
@@ -46,10 +60,21 @@ def model_card(record: PrivacyRecord, base_model: str, lora: dict, split: dict) 
             f"({format_epsilon(record.epsilon)}, {format_delta(record.delta)})-differential privacy "
             f"(epsilon and delta rounded up)"
         )
+        if record.user_column:
+            sampled = (
+                f"{record.sample_rate:.6g} over users (expected {record.expected_batch_size} of N = "
+                f"{record.n_users} training users, `{record.user_column}`), at most "
+                f"{record.max_examples_per_user} random rows of each sampled user per step; each user's "
+                f"gradient (the mean over its chosen rows) clipped to C = {record.max_grad_norm} as one vector"
+            )
+        else:
+            sampled = (
+                f"{record.sample_rate:.6g} (expected batch {record.expected_batch_size} of N = {record.n_train} "
+                f"training rows), per-example gradients clipped to C = {record.max_grad_norm}"
+            )
         mechanism = (
             f"DP-SGD on the LoRA weights only (the base model is frozen): Poisson sampling with q = "
-            f"{record.sample_rate:.6g} (expected batch {record.expected_batch_size} of N = {record.n_train} "
-            f"training rows), per-example gradients clipped to C = {record.max_grad_norm}, Gaussian noise "
+            f"{sampled}, Gaussian noise "
             f"with noise multiplier sigma = {record.noise_multiplier:.6g} added once per step, "
             f"{record.steps_taken} steps; {record.accountant} accountant."
         )
@@ -79,7 +104,7 @@ def model_card(record: PrivacyRecord, base_model: str, lora: dict, split: dict) 
             "Not applicable.",
             "",
         )
-    not_covered = "".join(f"- {item}\n" for item in NOT_COVERED)
+    not_covered = "".join(f"- {item}\n" for item in record.not_covered())
     targets = ", ".join(sorted(lora.get("target_modules") or []))
     return f"""{metadata}
 # LoRA adapters for {base_model}, fine-tuned on medical flashcards with differential privacy
@@ -99,9 +124,7 @@ model = PeftModel.from_pretrained(base_model, "path/to/this/directory")
 - Neighbouring datasets: {record.neighbouring_relation}.
 - Mechanism: {mechanism}
 - Threat model: {threat}
-- Split: each row's split follows from a keyed hash of its own content (seed {split.get("seed")}, validation
-  {split.get("validation_fraction")}, test {split.get("test_fraction")}, training rows kept with probability
-  {split.get("train_sample_fraction")}), so one row added or removed never moves another.
+- Split: {split_line(split, record)}
 {extra}
 Epsilon does not cover:
 {not_covered}

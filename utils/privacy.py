@@ -417,13 +417,92 @@ def zero_nonfinite_grad_samples(params, bad_rows: torch.Tensor | None = None) ->
     return int(bad.sum())
 
 
-def check_delta(delta: float, n_train: int) -> str | None:
+def check_delta(delta: float, n_train: int, units: str = "rows") -> str | None:
     if not 0 < delta < 1.0 / n_train:
-        return (
-            f"--delta {delta:g} must be in (0, 1/N) = (0, {1.0 / n_train:.3g}) for N={n_train} training rows"
-        )
+        return f"--delta {delta:g} must be in (0, 1/N) = (0, {1.0 / n_train:.3g}) for N={n_train} training {units}"
     return None
 
 
 def is_finite_number(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# -----------------------------------------------------------------------------
+# user-level DP: one user (every row sharing --user_column) is the privacy unit
+
+
+def choose_user_rows(
+    user_rows: list[int], max_examples: int, seed: int, step: int, user: int, secure_mode: bool = False
+) -> list[int]:
+    """At most `max_examples` of a sampled user's rows, uniformly at random without replacement.
+
+    Seeded: a generator keyed by (seed, step, user), so a resume chooses the same rows and the choice
+    does not depend on which other users were drawn or on which rank processes the user. Secure: the
+    OS CSPRNG. The choice depends only on this user's own rows (the bound on its contribution).
+    """
+    if len(user_rows) <= max_examples:
+        return list(user_rows)
+    if secure_mode:
+        uniforms = csprng_uniforms(len(user_rows))
+    else:
+        key = int.from_bytes(
+            hashlib.sha256(f"user-rows:{seed}:{step}:{user}".encode()).digest()[:8], "little"
+        )
+        uniforms = torch.rand(
+            len(user_rows), generator=torch.Generator().manual_seed(key), dtype=torch.float64
+        )
+    chosen = torch.argsort(uniforms)[:max_examples].tolist()
+    return [user_rows[i] for i in sorted(chosen)]
+
+
+def user_physical_batches(
+    chosen: list[list[int]], lengths: list[int], per_device_batch_size: int
+) -> list[tuple[list[int], list[int]]]:
+    """Pack whole users into physical batches of at most `per_device_batch_size` rows.
+
+    `chosen` holds each sampled user's chosen rows (each list no longer than the batch size). Returns
+    (rows, user_of_row) per batch, user_of_row numbering the batch's users 0, 1, ... A user's rows are
+    never split over two batches: its per-user gradient must be summed before clipping. Users are
+    ordered by their longest row (less padding); this only groups the drawn rows, never changes them.
+    """
+    order = sorted(range(len(chosen)), key=lambda u: (max(lengths[r] for r in chosen[u]), u))
+    batches, rows, owners = [], [], []
+    for u in order:
+        if rows and len(rows) + len(chosen[u]) > per_device_batch_size:
+            batches.append((rows, owners))
+            rows, owners = [], []
+        local = owners[-1] + 1 if owners else 0
+        rows = rows + chosen[u]
+        owners = owners + [local] * len(chosen[u])
+    if rows:
+        batches.append((rows, owners))
+    return batches
+
+
+def sum_grad_samples_by_user(params, user_of_row: torch.Tensor, n_users: int) -> None:
+    """Replace each p.grad_sample [rows, ...] by its per-user sum [n_users, ...] (index_add over users).
+
+    Training backpropagates sum_rows loss_row / k_u, so each user's sum is the mean of its chosen rows'
+    gradients; the DP optimizer then clips that one vector per user to C (user-level sensitivity C).
+    """
+    for p in params:
+        g = getattr(p, "grad_sample", None)
+        if g is None:
+            continue
+        if isinstance(g, list):  # Opacus hooks accumulate a list across backward calls
+            g = torch.cat(g, dim=0)
+        summed = g.new_zeros((n_users, *g.shape[1:]))
+        summed.index_add_(0, user_of_row.to(g.device), g)
+        p.grad_sample = summed
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """(epsilon, delta) for datasets differing in k rows, from an (epsilon, delta)-DP mechanism.
+
+    Chaining k neighbouring datasets x_0 ~ x_1 ~ ... ~ x_k (the standard group-privacy argument; Dwork
+    and Roth 2014, "The Algorithmic Foundations of Differential Privacy", Section 2.3, states it for
+    pure DP and gives this (epsilon, delta) form after it):
+    P[M(x_0) in S] <= e^{k eps} P[M(x_k) in S] + delta * sum_{i<k} e^{i eps}, and
+    sum_{i<k} e^{i eps} <= k e^{(k-1) eps}, giving (k eps, k e^{(k-1) eps} delta).
+    """
+    return k * epsilon, k * math.exp((k - 1) * epsilon) * delta

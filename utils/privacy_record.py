@@ -21,6 +21,22 @@ import math
 from dataclasses import dataclass, field
 
 RELATION = "add or remove one row of the dataset file passed to --dataset"
+EXAMPLE_UNIT = "example: one row (flashcard) of the training split"
+USER_FIELDS = ("user_column", "n_users", "max_examples_per_user")
+
+
+def user_unit(column: str) -> str:
+    return f"one user: every row sharing `{column}`"
+
+
+def user_relation(column: str) -> str:
+    return f"add or remove one user (all rows sharing `{column}`) of the dataset file passed to --dataset"
+
+
+USER_NOT_COVERED = (
+    "the exact training-user count N and row count, released through q, n_users and n_train (covered instead "
+    "by epsilon_replace_one, under which N is public)"
+)
 SEEDED_CAVEAT = "seeded: holds only against someone who does not know the seed"
 SECURE_NOTE = "secure randomness (OS CSPRNG)"
 NOT_COVERED = (
@@ -71,8 +87,12 @@ class PrivacyRecord:
     world_size: int = 1
     draw_split: str | None = None  # how W processes share one global draw (utils/distributed.py DRAW_SPLIT)
     split: dict | None = None  # the public SplitSpec: evaluation recomputes the held-out rows from it
-    unit: str = "example: one row (flashcard) of the training split"
+    unit: str = EXAMPLE_UNIT
     neighbouring_relation: str = RELATION
+    # user-level DP only (absent from an example-level report): N and q are then of users
+    user_column: str | None = None
+    n_users: int | None = None
+    max_examples_per_user: int | None = None
     sampling: str = "poisson"
     steps_taken: int = 0
     accountant_history: list = field(default_factory=list)  # Opacus's [(sigma, q, steps), ...]
@@ -100,6 +120,10 @@ class PrivacyRecord:
         "accountant",
         "n_train",
         "secure_mode",
+        "unit",
+        "user_column",
+        "n_users",
+        "max_examples_per_user",
     )
 
     def compatible_with(self, other: "PrivacyRecord") -> list[str]:
@@ -121,7 +145,7 @@ class PrivacyRecord:
             return "NO privacy guarantee (trained with --disable_dp)"
         text = (
             f"DP-trained: epsilon <= {format_epsilon(self.epsilon)}, delta = {format_delta(self.delta)} "
-            f"(add/remove one row; {self.accountant} accountant; {self.threat_model})"
+            f"(add/remove {self._one()}; {self.accountant} accountant; {self.threat_model})"
         )
         if self.forks:
             composed = format_epsilon(self.epsilon_with_forks)
@@ -130,13 +154,19 @@ class PrivacyRecord:
             text += f"; WARNING: checkpoint selected on private data ({self.selection}), which epsilon does not cover"
         return text
 
+    def _one(self) -> str:
+        return f"one user, all rows sharing `{self.user_column}`" if self.user_column else "one row"
+
     # --- serialisation -----------------------------------------------------------
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
+        if self.user_column is None:  # an example-level report keeps exactly its earlier fields
+            for key in USER_FIELDS:
+                del data[key]
         data["accountant_history"] = [list(h) for h in self.accountant_history]
         data["threat_model"] = self.threat_model
         data["guarantee"] = self.guarantee_line()
-        data["not_covered"] = list(NOT_COVERED)
+        data["not_covered"] = self.not_covered()
         if self.dp_enabled:
             data["dp_event"] = dp_event(self.accountant_history)
         else:  # a non-private run makes no (epsilon, delta) claim at all
@@ -150,6 +180,9 @@ class PrivacyRecord:
             ):
                 data[key] = None
         return _json_safe(data)
+
+    def not_covered(self) -> list[str]:
+        return [USER_NOT_COVERED, *NOT_COVERED[1:]] if self.user_column else list(NOT_COVERED)
 
     @classmethod
     def from_json(cls, data: dict) -> "PrivacyRecord":

@@ -90,6 +90,25 @@ class PrivacyArguments:
     disable_dp: bool = field(
         default=False, metadata={"help": "non-private baseline: same sampling and loss, no clipping or noise"}
     )
+    privacy_unit: str = field(
+        default="example",
+        metadata={
+            "help": "what epsilon protects: one row, or one user (every row sharing --user_column)",
+            "choices": ["example", "user"],
+        },
+    )
+    user_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "column of user ids; needed by --privacy_unit user; with example also reports group privacy"
+        },
+    )
+    max_examples_per_user: int = field(
+        default=4,
+        metadata={
+            "help": "user level: at most K of a sampled user's rows per step (K <= per-device batch size)"
+        },
+    )
     accept_forked_resume: bool = field(
         default=False,
         metadata={
@@ -108,7 +127,8 @@ class TrainingArguments:
         default=False, metadata={"help": "replace a finished or partial run already in --output_dir"}
     )
     logical_batch_size: int = field(
-        default=64, metadata={"help": "expected rows per optimizer step (q = this / N)"}
+        default=64,
+        metadata={"help": "expected rows per optimizer step (q = this / N); expected users at user level"},
     )
     per_device_train_batch_size: int = field(
         default=8, metadata={"help": "rows per forward/backward (memory only)"}
@@ -182,6 +202,15 @@ def validate_args(args) -> None:
         problems.append(f"--delta must be in (0, 1), got {p.delta}")
     if not p.max_grad_norm > 0:
         problems.append(f"--max_grad_norm must be > 0, got {p.max_grad_norm}")
+    if p.privacy_unit == "user" and not p.user_column:
+        problems.append("--privacy_unit user needs --user_column (the column of user ids)")
+    if p.max_examples_per_user < 1:
+        problems.append(f"--max_examples_per_user must be >= 1, got {p.max_examples_per_user}")
+    elif p.privacy_unit == "user" and p.max_examples_per_user > t.per_device_train_batch_size > 0:
+        problems.append(
+            f"--max_examples_per_user {p.max_examples_per_user} must be <= --per_device_train_batch_size "
+            f"{t.per_device_train_batch_size}: a user's rows are clipped together, so they share one physical batch"
+        )
     if p.secure_mode and p.disable_dp:
         problems.append("--secure_mode has no meaning with --disable_dp")
     if lora.lora_r <= 0 or lora.lora_alpha <= 0:
@@ -223,20 +252,21 @@ def validate_args(args) -> None:
 
 
 def validate_against_data(args, n_train: int) -> None:
-    """The checks that need N, the number of training rows."""
+    """The checks that need N, the number of training units (rows, or users with --privacy_unit user)."""
     p, t = args.privacy, args.training
+    units = "users" if p.privacy_unit == "user" else "rows"
     problems = []
     if n_train < 2:
-        problems.append(f"only {n_train} training rows after cleaning and splitting")
+        problems.append(f"only {n_train} training {units} after cleaning and splitting")
     elif t.logical_batch_size >= n_train:
         problems.append(
-            f"--logical_batch_size {t.logical_batch_size} must be < N = {n_train} training rows (q < 1)"
+            f"--logical_batch_size {t.logical_batch_size} must be < N = {n_train} training {units} (q < 1)"
         )
     if (
         n_train >= 2
         and p.delta is not None
         and not p.disable_dp
-        and (error := privacy.check_delta(p.delta, n_train))
+        and (error := privacy.check_delta(p.delta, n_train, units))
     ):
         problems.append(error)
     if problems:

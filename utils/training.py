@@ -66,21 +66,26 @@ def build_lora_model(
     return model.to(device)
 
 
-def backward_examples(model, batch, params, dp: bool, logical_batch_size: int) -> tuple[torch.Tensor, int]:
+def backward_examples(
+    model, batch, params, dp: bool, logical_batch_size: int, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Forward and backward one physical batch; returns (per-example losses, how many were NaN/inf).
 
     DP backpropagates the plain sum, so each per-sample gradient is that example's own (the DP
     optimizer clips, adds noise and divides by the expected batch); without DP the sum is divided by
     the logical batch here. A NaN/inf example is left out of the sum and its per-sample gradient
-    zeroed, whatever backward made of it.
+    zeroed, whatever backward made of it. `weights` (user level: 1/k_u for each of user u's k_u rows)
+    scale each example's loss in the backward only; the returned losses are unweighted.
     """
     example_losses = per_example_loss(model, batch)
     finite = torch.isfinite(example_losses)
+    weighted = example_losses if weights is None else example_losses * weights.to(example_losses.dtype)
     if dp or finite.all():
-        kept_sum = example_losses[finite].sum()
+        kept_sum = weighted[finite].sum()
     # 0 * NaN in the backward would still reach the summed gradient: redo without those rows
     elif finite.any():
-        kept_sum = per_example_loss(model, {k: v[finite] for k, v in batch.items()}).sum()
+        again = per_example_loss(model, {k: v[finite] for k, v in batch.items()})
+        kept_sum = (again if weights is None else again * weights[finite].to(again.dtype)).sum()
     else:
         kept_sum = None
     if kept_sum is not None:
