@@ -388,3 +388,45 @@ def test_example_level_runs_keep_exactly_their_report_fields(train_run):
         "train_sample_fraction",
         "method",
     }
+
+
+# -----------------------------------------------------------------------------
+# two processes
+
+
+@pytest.mark.numerics
+def test_two_processes_at_user_level_train_the_single_process_adapters_at_the_same_epsilon(
+    tiny_model_dir, tmp_path
+):
+    """Ranks split sampled users (never a user's rows), so 2 processes run the 1-process mechanism."""
+    from test_distributed import accelerate_launch, finish, free_port, start
+
+    run = ["--dataset", str(STUDENTS), *USER, "--logical_batch_size", "8", "--per_device_train_batch_size", "8",
+           "--eval_steps", "0", "--report_to", "none", "--epsilon", "3", "--lora_dropout", "0", "--max_steps", "3",
+           "--save_steps", "0"]  # fmt: skip
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    command = accelerate_launch(
+        "--config_file", "configs/accelerate_multi_gpu.yaml", "--num_processes", "2", "--mixed_precision", "no",
+        "--main_process_port", str(free_port()), "train_dp_lora.py", "--model", tiny_model_dir,
+        "--output_dir", str(multi), *run,
+    )  # fmt: skip
+    launched = start(command, tmp_path)
+    train_dp_lora.main(
+        train_dp_lora.parse_args(["--model", tiny_model_dir, "--output_dir", str(single), *run])
+    )
+    finish(launched)
+    a, b = (read(d / "adapter" / "privacy_report.json") for d in (multi, single))
+    for key in ("epsilon", "noise_multiplier", "sample_rate", "n_users", "max_examples_per_user", "dp_event"):
+        assert a[key] == b[key], key
+    assert a["world_size"] == 2 and b["world_size"] == 1
+    from safetensors.torch import load_file
+
+    multi_w, single_w = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (multi, single))
+    # the same users, rows and noise; each user's clipped gradient once, summed in another order over 3 AdamW
+    # steps: budget 64 fp32 ulps of each tensor's max, as the example-level two-process test (observed 1.6 there)
+    assert_close_scaled([multi_w[k] for k in single_w], [single_w[k] for k in single_w], 64, eps=FP32_EPS,
+                        why="fp32, another summation order")  # fmt: skip
+    assert any(
+        v.abs().sum() > 0 for k, v in multi_w.items() if "lora_B" in k
+    )  # the steps did move the adapters
+    assert read(multi / "private_run_record" / "results.json")["replicas_identical"] is True
