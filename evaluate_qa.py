@@ -494,24 +494,13 @@ def plot_privacy_utility(
                     fontsize=8,
                     color=color,
                 )
-        if echo is not None:
+        for reference, style, text in ((echo, ":", "question echoed as the answer"),
+                                       (base, "--", "base model (no fine-tuning)")):  # fmt: skip
+            if reference is None:
+                continue
             for axis in (left, right):
-                axis.axhline(
-                    echo["metrics"][key],
-                    color=color,
-                    linestyle=":",
-                    linewidth=1,
-                    label=f"{label}, question echoed as the answer" if axis is left else None,
-                )
-        if base is not None:
-            for axis in (left, right):
-                axis.axhline(
-                    base["metrics"][key],
-                    color=color,
-                    linestyle="--",
-                    linewidth=1,
-                    label=f"{label}, base model (no fine-tuning)" if axis is left else None,
-                )
+                axis.axhline(reference["metrics"][key], color=color, linestyle=style, linewidth=1,
+                             label=f"{label}, {text}" if axis is left else None)  # fmt: skip
     left.set_xscale("log")
     left.set_xticks(epsilons)
     left.set_xticklabels([format_epsilon(x) for x in epsilons])

@@ -304,35 +304,29 @@ class Trainer:
         self.lengths = [len(e["input_ids"]) for e in self.train]
         if self.users is not None:  # a user's longest row: how users are dealt to ranks and batched
             self.user_lengths = [max(self.lengths[r] for r in rows) for rows in self.users]
-        self.drawn_step = None
         self.counters = {"empty_steps": 0, "nonfinite_examples": 0}  # private: they depend on the data
         self.recent_losses = collections.deque(maxlen=t.loss_window)
 
-    def draw(self, step: int) -> list[int]:
-        """The step's Poisson draw: row indices, or at user level user indices."""
-        self.drawn_step = step
-        return distributed.global_draw(self.sampler, step, self.device, self.world)
-
-    def user_batches(self, mine: list[int]) -> list[tuple[list[int], list[int]]]:
+    def user_batches(self, mine: list[int], step: int) -> list[tuple[list[int], list[int]]]:
         """This rank's sampled users as physical batches of (rows, user of each row), at most K rows each."""
         p, t = self.args.privacy, self.args.training
         chosen = [
-            privacy.choose_user_rows(
-                self.users[u], p.max_examples_per_user, t.seed, self.drawn_step, u, p.secure_mode
-            )
+            privacy.choose_user_rows(self.users[u], p.max_examples_per_user, t.seed, step, u, p.secure_mode)
             for u in mine
         ]
         return privacy.user_physical_batches(chosen, self.lengths, t.per_device_train_batch_size)
 
-    def step(self, drawn: list[int]) -> float:
-        """One logical batch: backward per physical batch, clip and accumulate, noise once; the step's loss."""
+    def step(self, step: int) -> float:
+        """Step `step`: its Poisson draw (rows, or users at user level) as one logical batch; backward per
+        physical batch, clip and accumulate, noise once. Returns the step's loss."""
         dp, t = self.record.dp_enabled, self.args.training
+        drawn = distributed.global_draw(self.sampler, step, self.device, self.world)
         by_user = self.users is not None
         mine = distributed.split_draw(
             drawn, self.user_lengths if by_user else self.lengths, self.rank, self.world
         )
         if by_user:
-            batches, owners = zip(*self.user_batches(mine)) if mine else ((), ())
+            batches, owners = zip(*self.user_batches(mine, step)) if mine else ((), ())
         else:
             batches, owners = (
                 privacy.physical_batches(mine, self.lengths, t.per_device_train_batch_size),
@@ -402,7 +396,7 @@ class Trainer:
         mean = sum(losses) / len(losses) if losses else float("nan")
         return mean if self.world == 1 else distributed.mean_across_ranks(mean, len(losses), self.device)
 
-    def record_at(self, steps_taken: int, selection: str | None = None, final: bool = False) -> PrivacyRecord:
+    def record_at(self, steps_taken: int, selection: str | None = None) -> PrivacyRecord:
         """The privacy record as of `steps_taken`; replace-one epsilon (1-2 s) only in a checkpoint or the end."""
         history = [tuple(h) for h in self.accountant.history] if self.accountant else []
         record = dataclasses.replace(
@@ -690,7 +684,7 @@ def main(args) -> dict:
                 f"Stopping before step {step + 1}: it would take epsilon past the target {record.target_epsilon}"
             )
             break
-        loss = trainer.step(trainer.draw(step))  # draw, then clip, noise once, step
+        loss = trainer.step(step)  # draw, then clip, noise once, step
         steps_taken = step + 1
         epsilon = trainer.epsilon(steps_taken)
         metrics = {"train/loss": loss, "train/lr": trainer.scheduler.get_last_lr()[0],
@@ -747,7 +741,7 @@ def finish(
     counters = summed_counters(trainer)
     distributed.assert_not_wrapped(trainer.model)
     replicas_identical = distributed.replicas_identical(trainer.params) if trainer.world > 1 else True
-    record = trainer.record_at(steps_taken, final=True)
+    record = trainer.record_at(steps_taken)
     results = {
         "train/loss": trainer.mean_recent_loss(),
         "train/loss_window_steps": len(trainer.recent_losses),

@@ -423,10 +423,6 @@ def check_delta(delta: float, n_train: int, units: str = "rows") -> str | None:
     return None
 
 
-def is_finite_number(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
-
-
 # -----------------------------------------------------------------------------
 # user-level DP: one user (every row sharing --user_column) is the privacy unit
 
