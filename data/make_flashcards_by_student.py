@@ -1,4 +1,4 @@
-"""Regenerate data/flashcards_by_student.jsonl: the 520 bundled flashcards grouped into "students".
+"""Regenerate data/flashcards_by_student.jsonl: the bundled flashcards grouped into "students".
 
 Each card of data/medical_flashcards.jsonl (the project's own text) gets a `student_id`; students hold
 2-20 cards each, most few and some many (sizes 2 + floor(19 u^2.5), u uniform), the cards dealt after

@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "data" / "medical_flashcards.jsonl"
+# the tiny tokenizers are trained on the first version's 520 cards (the bundle's first rows): every tuned
+# threshold in the suite was measured with that tokenizer, and the bundle has grown since
+TOKENIZER_CARDS = 520
 
 # Never reach for the network from a test, and never prompt.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,7 +122,7 @@ def build_tiny_vaultgemma(vocab_size: int, seed: int = 0, **overrides):
 def tiny_model_dir(tmp_path_factory) -> str:
     """A saved tiny VaultGemma + its tokenizer: what `--model DIR` loads."""
     out = tmp_path_factory.mktemp("tiny_vaultgemma")
-    texts = [c["input"] + " " + c["output"] for c in bundled_cards()]
+    texts = [c["input"] + " " + c["output"] for c in bundled_cards()[:TOKENIZER_CARDS]]
     tokenizer = build_gemma_style_tokenizer(texts)
     model = build_tiny_vaultgemma(len(tokenizer))
     model.save_pretrained(out)

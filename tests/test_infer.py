@@ -15,7 +15,7 @@ import pytest
 
 import infer
 import train_dp_lora
-from conftest import build_gemma_style_tokenizer, build_tiny_vaultgemma, bundled_cards
+from conftest import TOKENIZER_CARDS, build_gemma_style_tokenizer, build_tiny_vaultgemma, bundled_cards
 from utils.decoding import AnswerStreamer, GenerationSettings, decode_answer, generate_answers, stop_token_ids
 from utils.run_dir import find_adapters
 from utils.run_loading import AdapterError, describe_privacy, load_for_inference
@@ -44,7 +44,7 @@ def _save_tiny(path: Path, tokenizer, **overrides) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer_for_tests():
-    return build_gemma_style_tokenizer([c["input"] + " " + c["output"] for c in bundled_cards()])
+    return build_gemma_style_tokenizer([c["input"] + " " + c["output"] for c in bundled_cards()[:TOKENIZER_CARDS]])
 
 
 @pytest.fixture(scope="module")

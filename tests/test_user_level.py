@@ -48,7 +48,7 @@ def test_bundled_student_file_holds_the_bundled_cards_in_students_of_2_to_20_une
 
 def test_one_users_rows_never_land_in_two_splits():
     cards, counts = data.clean_rows(student_rows(), user_column="student_id")
-    assert counts["skipped_no_user"] == 0 and len(cards) == 520
+    assert counts["skipped_no_user"] == 0 and len(cards) == len(bundled_cards())
     spec = data.SplitSpec(0, 0.2, 0.2, 0.7, user_column="student_id")
     splits = collections.defaultdict(set)
     for card in cards:
