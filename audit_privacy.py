@@ -38,6 +38,11 @@ What the lower bound means, and what it does not
 - The bound uses the run's delta. With m canaries it cannot exceed about ln(m / ln(1 / level))
   even when every guess is right (level = (1 - confidence) / len(guess_fractions); about 2.7 for
   m = 64 at the defaults), so a small audit can only ever refute small epsilons.
+- User level (--canary_rows_per_user k > 1, training with --user_column COL): each audit canary is a
+  user of k rows (the question with k different notes, one secret) under its own id in COL, inserted
+  with all its rows or none; its score is the mean over its rows. With --privacy_unit user the bound is
+  tested against the reported user-level epsilon; with the example unit, against the group privacy
+  the example-level guarantee gives k rows, (k eps, k e^((k-1) eps) delta), at that delta.
 - Repeated canaries break the example-level privacy unit on purpose (one secret in R rows is
   protected only at group privacy of size R); they take no part in the lower bound, only in
   exposure, and show what memorization looks like when the unit assumption fails.
@@ -51,6 +56,9 @@ Run
     python audit_privacy.py --output_dir outputs/audit --num_canaries 256 -- \\
         --model gemma3-270m --dataset bundled --epsilon 8 --num_train_epochs 3 \\
         --logical_batch_size 16 --per_device_train_batch_size 4 --report_to none
+    python audit_privacy.py --output_dir outputs/audit_users --canary_rows_per_user 4 -- \\
+        --model gemma3-270m --dataset data/flashcards_by_student.jsonl --privacy_unit user \\
+        --user_column student_id --epsilon 8 --report_to none
     python audit_privacy.py --output_dir outputs/audit_nodp --canary_repeats 8 -- \\
         --model gemma3-270m --dataset bundled --disable_dp --num_train_epochs 5 --report_to none
 """
@@ -112,6 +120,13 @@ class AuditArguments:
     num_real_rows: int = field(
         default=0, metadata={"help": "use only the first K cleaned rows of the training --dataset (0 = all)"}
     )
+    canary_rows_per_user: int = field(
+        default=1,
+        metadata={
+            "help": "k > 1: each audit canary is a user of k rows under one id in the training --user_column, "
+            "all inserted or none (a user-level audit with --privacy_unit user)"
+        },
+    )
 
 
 GROUPS = {"audit": AuditArguments}
@@ -151,6 +166,13 @@ def validate_args(args) -> None:
         problems.append("--guess_fractions * --num_canaries must allow at least 2 guesses")
     if a.score_batch_size < 1:
         problems.append("--score_batch_size must be >= 1")
+    if a.canary_rows_per_user < 1:
+        problems.append(f"--canary_rows_per_user must be >= 1, got {a.canary_rows_per_user}")
+    elif a.canary_rows_per_user > 1 and not args.train.privacy.user_column:
+        problems.append(
+            "--canary_rows_per_user > 1 makes canary users: give the training flags --user_column COL "
+            "(and --privacy_unit user for a user-level audit)"
+        )
     if problems:
         raise cli.ArgumentErrors(problems)
     train_args.validate_args(args.train)
@@ -171,8 +193,11 @@ def random_secret(rng: random.Random, length: int) -> str:
     return "".join(rng.choice(string.digits) for _ in range(length))
 
 
-def make_canaries(a: AuditArguments, instruction: str, real_hashes: set, real_questions: set) -> list[dict]:
-    """m audit canaries (inserted with probability 1/2) and the repeated ones (always inserted, R copies)."""
+def make_canaries(
+    a: AuditArguments, instruction: str, real_hashes: set, real_questions: set, user_column: str | None = None
+) -> list[dict]:
+    """m audit canaries (inserted with probability 1/2; k rows each with --canary_rows_per_user k) and the
+    repeated ones (always inserted, R copies). With a user column every canary is its own user."""
     rng = random.Random(f"canaries:{a.seed}")
     canaries, used = [], set()
     n_repeated = a.num_repeated_canaries if a.canary_repeats else 0
@@ -188,12 +213,16 @@ def make_canaries(a: AuditArguments, instruction: str, real_hashes: set, real_qu
             "question": question,
             "secret": random_secret(rng, a.secret_length),
             "kind": "repeated" if repeated else "audit",
-            "copies": a.canary_repeats if repeated else 1,
+            "copies": a.canary_repeats if repeated else a.canary_rows_per_user,
         }
         canary["included"] = True if repeated else rng.random() < 0.5
         canaries.append(canary)
     for canary in canaries:
         canary["rows"] = [card_of(canary, instruction, j) for j in range(canary["copies"])]
+        if user_column:  # one id for all of a canary's rows: the unit a user-level run protects
+            canary["user"] = f"audit-canary-{canary['index']}"
+            for row in canary["rows"]:
+                row[user_column] = canary["user"]
         if any(row_hash(row) in real_hashes for row in canary["rows"]):
             raise AuditError(f"canary {canary['question']!r} collides with a real row")
     return canaries
@@ -304,10 +333,10 @@ def score_canaries(run_dir: Path, train, canaries: list[dict], a: AuditArguments
     model, tokenizer, _ = load_for_inference(
         str(run_dir), train.model.model, load_in_4bit=train.model.load_in_4bit
     )
-    cards = [c["rows"][0] for c in canaries]
-    finetuned = training.cards_answer_nll(model, tokenizer, cards, a.score_batch_size)
+    cards = [row for c in canaries for row in c["rows"]]
+    finetuned = per_canary(canaries, training.cards_answer_nll(model, tokenizer, cards, a.score_batch_size))
     with model.disable_adapter():
-        base = training.cards_answer_nll(model, tokenizer, cards, a.score_batch_size)
+        base = per_canary(canaries, training.cards_answer_nll(model, tokenizer, cards, a.score_batch_size))
     rng = random.Random(f"alternatives:{a.seed}")
     alternatives = [random_secret(rng, a.secret_length) for _ in range(a.exposure_alternatives)]
     alternative_losses = []
@@ -315,6 +344,15 @@ def score_canaries(run_dir: Path, train, canaries: list[dict], a: AuditArguments
         alt_cards = [card_of(canary, instruction, secret=s) for s in alternatives if s != canary["secret"]]
         alternative_losses.append(training.cards_answer_nll(model, tokenizer, alt_cards, a.score_batch_size))
     return {"finetuned": finetuned, "base": base, "alternatives": alternative_losses}
+
+
+def per_canary(canaries: list[dict], row_losses: list[float]) -> list[list[float]]:
+    """Row losses (in the order of the canaries' rows) regrouped as one list per canary."""
+    grouped, start = [], 0
+    for canary in canaries:
+        grouped.append(row_losses[start : start + len(canary["rows"])])
+        start += len(canary["rows"])
+    return grouped
 
 
 # -----------------------------------------------------------------------------
@@ -349,11 +387,16 @@ def write_canaries(path: Path, canaries: list[dict]) -> None:
 
 def write_audit_data(out: Path, a, t) -> tuple[list[dict], list[dict], str, Path]:
     """(real rows, canaries, instruction, data file): real rows plus each inserted canary's rows."""
-    cards, _ = clean_rows(read_rows(t.data.dataset))
+    column = t.privacy.user_column
+    cards, _ = clean_rows(read_rows(t.data.dataset), user_column=column)
     if a.num_real_rows > 0:
         cards = cards[: a.num_real_rows]
     instruction = cards[0]["instruction"] if cards else DEFAULT_INSTRUCTION
-    canaries = make_canaries(a, instruction, {row_hash(c) for c in cards}, {c["input"] for c in cards})
+    if column and any(c[column].startswith("audit-canary-") for c in cards):
+        raise AuditError(f"the data's {column} already uses the canary ids audit-canary-*")
+    canaries = make_canaries(
+        a, instruction, {row_hash(c) for c in cards}, {c["input"] for c in cards}, user_column=column
+    )
     check_canary_lengths(canaries, t)
     data_path = out / "audit_data.jsonl"
     rows = cards + [row for c in canaries if c["included"] for row in c["rows"]]
@@ -364,19 +407,42 @@ def write_audit_data(out: Path, a, t) -> tuple[list[dict], list[dict], str, Path
     return cards, canaries, instruction, data_path
 
 
+def comparable_guarantee(report: dict, rows_per_canary: int, delta_flag: float | None) -> dict:
+    """The (epsilon, delta) the run claims for one audit canary, which the lower bound is tested against.
+
+    A canary is one row, or at user level one user of k rows: the report's guarantee. An example-level
+    run claims only group privacy for a canary of k > 1 rows: (k eps, k e^((k-1) eps) delta). Without DP
+    there is no claim; the bound still needs a delta (--delta, else 1e-5).
+    """
+    from utils.privacy import group_privacy
+
+    if not report["dp_enabled"]:
+        return {"epsilon": None, "delta": delta_flag or 1e-5, "unit": None, "claim": "none (--disable_dp)"}
+    epsilon, delta, unit = report["epsilon"], report["delta"], report["unit"]
+    if rows_per_canary > 1 and not report.get("user_column"):  # the report names a column only at user level
+        epsilon, delta = group_privacy(epsilon, delta, rows_per_canary)
+        claim = f"group privacy of the example-level guarantee for {rows_per_canary} rows"
+    else:
+        claim = "the reported guarantee"
+    return {"epsilon": epsilon, "delta": delta, "unit": unit, "claim": claim}
+
+
 def audit_result(
-    report: dict, canaries: list[dict], bound: dict, delta: float, a, run_dir: Path, forced: dict
+    report: dict, canaries: list[dict], bound: dict, comparable: dict, a, run_dir: Path, forced: dict
 ) -> dict:
     audit = [c for c in canaries if c["kind"] == "audit"]
     scores, included = [c["score"] for c in audit], [c["included"] for c in audit]
-    reported = report["epsilon"] if report["dp_enabled"] else None
+    reported, delta = comparable["epsilon"], comparable["delta"]
 
     def mean_exposure(group):
         return float(np.mean([c["exposure"] for c in group])) if group else None
 
     return {
         "epsilon_lower_bound": bound["epsilon_lower_bound"],
-        "reported_epsilon": reported,
+        "reported_epsilon": report["epsilon"] if report["dp_enabled"] else None,
+        "compared_epsilon": reported,
+        "compared_claim": comparable["claim"],
+        "unit": comparable["unit"],
         "delta": delta,
         "threat_model": report.get("threat_model"),
         "dp_enabled": report["dp_enabled"],
@@ -401,6 +467,7 @@ def audit_result(
             "inserted": int(sum(included)),
             "repeated": sum(c["kind"] == "repeated" for c in canaries),
             "canary_repeats": a.canary_repeats,
+            "rows_per_canary": a.canary_rows_per_user,
             "secret_length": a.secret_length,
         },
         "training": {
@@ -448,13 +515,16 @@ def main(args) -> dict:
 
     scored = score_canaries(run_dir, t, canaries, a, instruction)
     for canary, ft, base, alts in zip(canaries, scored["finetuned"], scored["base"], scored["alternatives"]):
-        canary.update(loss_finetuned=ft, loss_base=base, score=ft - base, exposure=exposure(ft, alts))
+        # a canary user's score is the mean over its rows; exposure is of its first row's secret
+        score = float(np.mean(np.subtract(ft, base)))
+        canary.update(loss_finetuned=ft[0], loss_base=base[0], score=score, exposure=exposure(ft[0], alts))
     audit = [c for c in canaries if c["kind"] == "audit"]
-    delta = report["delta"] if report["dp_enabled"] else t.privacy.delta or 1e-5  # the bound needs some delta
+    comparable = comparable_guarantee(report, a.canary_rows_per_user, t.privacy.delta)
+    delta = comparable["delta"]
     bound = one_run_bound(
         [c["score"] for c in audit], [c["included"] for c in audit], delta, a.confidence, a.guess_fractions
     )
-    result = audit_result(report, canaries, bound, delta, a, run_dir, forced)
+    result = audit_result(report, canaries, bound, comparable, a, run_dir, forced)
     write_json_atomic(out / "audit_report.json", result)
     write_canaries(out / "canaries.jsonl", canaries)
     print(summary_text(result))
@@ -473,13 +543,20 @@ def summary_text(result: dict) -> str:
         f"  epsilon lower bound = {result['epsilon_lower_bound']:.3f} at {100 * result['confidence']:g}% "
         f"confidence, delta = {format_delta(result['delta'])}"
         f" ({bound['best']['correct']}/{bound['best']['guesses']} guesses correct, m = {bound['m']})",
-        f"  reported epsilon    = {reported}",
+        f"  reported epsilon    = {reported}"
+        + (f", unit {result['unit']}" if result["unit"] else ""),
         f"  attack AUC = {attack['auc']:.3f}; TPR at 1% FPR = {attack['tpr_at_fpr_0.01']:.3f}; TPR at 10% "
         f"FPR = {attack['tpr_at_fpr_0.1']:.3f}",
         f"  exposure (bits, max measurable {exp['measurable_bits']:.1f} of {exp['secret_space_bits']:.1f}): "
         f"inserted once {exp['mean_included_once']:.2f}, never inserted {exp['mean_not_included']:.2f}"
         + "".join(f"; repeated x{r['copies']} #{r['index']}: {r['exposure']:.2f}" for r in exp["repeated"]),
     ]
+    if result["compared_epsilon"] is not None and result["compared_epsilon"] != result["reported_epsilon"]:
+        lines.append(
+            f"  compared against    = {format_epsilon(result['compared_epsilon'])} at delta "
+            f"{format_delta(result['delta'])}: {result['compared_claim']} (canaries of "
+            f"{result['canaries']['rows_per_canary']} rows)"
+        )
     if result["lower_bound_exceeds_reported"]:
         lines.append(
             "  WARNING: the lower bound exceeds the reported epsilon: the privacy guarantee does not hold for this run"

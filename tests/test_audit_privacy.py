@@ -150,7 +150,7 @@ def audit_setup(tiny_tokenizer, tmp_path_factory):
     return root, str(model_dir), write_cards(root / "cards.jsonl", bundled_cards()[:40])
 
 
-def run_audit(setup, name, *train_flags):
+def run_audit(setup, name, *train_flags, audit_flags=()):
     root, model_dir, cards = setup
     out = root / name
     args = audit_privacy.parse_args(
@@ -158,6 +158,7 @@ def run_audit(setup, name, *train_flags):
             "--output_dir",
             str(out),
             *FAST_AUDIT,
+            *audit_flags,
             "--",
             "--model",
             model_dir,
@@ -237,3 +238,118 @@ def test_help_shows_every_audit_default_and_points_to_training_flags(capsys):
     ]:
         assert flag in text
     assert "(default: 64)" in text and "(default: 0.95)" in text
+
+
+# -----------------------------------------------------------------------------
+# user level: canary users of several rows
+
+
+CANARY_ROWS = 3
+
+
+def student_cards_file(root: Path) -> str:
+    """The first REAL_ROWS bundled cards as 5 students of 2 cards each."""
+    cards = [dict(c, student_id=f"student-{i // 2}") for i, c in enumerate(bundled_cards()[:REAL_ROWS])]
+    return write_cards(root / "students.jsonl", cards)
+
+
+def run_user_audit(setup, name, *train_flags):
+    root, model_dir, _ = setup
+    return run_audit(
+        (root, model_dir, student_cards_file(root)),
+        name,
+        "--user_column",
+        "student_id",
+        "--max_examples_per_user",
+        str(CANARY_ROWS),
+        *train_flags,
+        audit_flags=("--canary_rows_per_user", str(CANARY_ROWS)),
+    )
+
+
+def test_comparable_guarantee_is_the_report_at_user_level_and_group_privacy_at_example_level():
+    from utils.privacy import group_privacy
+
+    example = {"dp_enabled": True, "epsilon": 2.0, "delta": 1e-5, "unit": "example: one row"}
+    user = dict(example, unit="one user: every row sharing `student_id`", user_column="student_id")
+    assert audit_privacy.comparable_guarantee(user, 4, None)["epsilon"] == 2.0
+    assert audit_privacy.comparable_guarantee(example, 1, None)["epsilon"] == 2.0
+    grouped = audit_privacy.comparable_guarantee(example, 4, None)
+    assert (
+        (grouped["epsilon"], grouped["delta"]) == group_privacy(2.0, 1e-5, 4) == (8.0, 4 * math.exp(6) * 1e-5)
+    )
+    assert audit_privacy.comparable_guarantee({"dp_enabled": False}, 4, 1e-6)["epsilon"] is None
+
+
+def test_canary_users_need_a_user_column(audit_setup, capsys):
+    root, model_dir, cards = audit_setup
+    argv = ["--output_dir", str(root / "x"), "--canary_rows_per_user", "3", "--", "--model", model_dir]
+    assert audit_privacy.cli_main(argv + ["--dataset", cards, "--report_to", "none"]) == 2
+    assert "--user_column" in capsys.readouterr().err
+
+
+@pytest.mark.numerics
+def test_user_level_audit_inserts_whole_canary_users_and_finds_memorised_ones_without_dp(audit_setup):
+    out, result = run_user_audit(
+        audit_setup,
+        "users_no_dp",
+        "--privacy_unit",
+        "user",
+        "--disable_dp",
+        "--num_train_epochs",
+        "30",
+        "--learning_rate",
+        "0.01",
+    )
+    rows = read_jsonl(out / "audit_data.jsonl")
+    canaries = read_jsonl(out / "canaries.jsonl")[:NUM_CANARIES]
+    by_user = {}
+    for row in rows:
+        by_user.setdefault(row["student_id"], []).append(row)
+    for canary in canaries:  # all of a canary user's rows are in the data, under its own id, or none
+        assert len(by_user.get(canary["user"], [])) == (CANARY_ROWS if canary["included"] else 0)
+    assert result["canaries"]["rows_per_canary"] == CANARY_ROWS and result["unit"] is None
+    # observed: bound 2.41 (all 48 extreme guesses right), AUC 1.0; 1.0 needs 42 of 48 right
+    assert result["epsilon_lower_bound"] > 1.0 and result["attack"]["auc"] > 0.9
+
+
+@pytest.mark.numerics
+def test_user_level_audit_stays_at_or_below_the_reported_user_level_epsilon(audit_setup):
+    _, result = run_user_audit(
+        audit_setup,
+        "users_dp",
+        "--privacy_unit",
+        "user",
+        "--epsilon",
+        "1",
+        "--max_steps",
+        "6",
+        "--learning_rate",
+        "0.03",
+    )
+    assert result["dp_enabled"] and result["unit"].startswith("one user")
+    assert result["compared_epsilon"] == result["reported_epsilon"] <= 1.0
+    assert (
+        result["epsilon_lower_bound"] <= result["reported_epsilon"]
+        and not result["lower_bound_exceeds_reported"]
+    )
+
+
+@pytest.mark.numerics
+def test_example_level_audit_with_canary_users_is_compared_against_group_privacy(audit_setup):
+    from utils.privacy import group_privacy
+
+    out, result = run_user_audit(
+        audit_setup, "users_example", "--epsilon", "1", "--max_steps", "6", "--learning_rate", "0.03"
+    )
+    report = json.loads((out / "train" / "adapter" / "privacy_report.json").read_text())
+    assert result["unit"].startswith("example") and result["reported_epsilon"] == report["epsilon"]
+    # the bound is tested at the group's (k eps, k e^((k-1) eps) delta), the claim for a k-row canary
+    assert (result["compared_epsilon"], result["delta"]) == group_privacy(
+        report["epsilon"], report["delta"], CANARY_ROWS
+    )
+    assert result["one_run_audit"]["delta"] == result["delta"]
+    assert (
+        result["epsilon_lower_bound"] <= result["compared_epsilon"]
+        and not result["lower_bound_exceeds_reported"]
+    )
