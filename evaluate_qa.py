@@ -120,6 +120,12 @@ class DataArguments:
     )
     max_samples: int = field(default=0, metadata={"help": "evaluate only the first K rows (0 = all)"})
     batch_size: int = field(default=8, metadata={"help": "questions per generation / NLL batch"})
+    nll_only: bool = field(
+        default=False,
+        metadata={
+            "help": "score only the teacher-forced answer NLL, generate nothing (the overlap metrics show -)"
+        },
+    )
 
 
 @dataclass
@@ -166,6 +172,8 @@ def validate_args(args) -> None:
         problems.append(
             "--curve needs several --adapters (e.g. runs at epsilon 1, 3, 8 and a --disable_dp run)"
         )
+    if o.curve and d.nll_only:
+        problems.append("--curve plots F1 and ROUGE-L, which --nll_only does not compute")
     if problems:
         raise cli.ArgumentErrors(problems)
 
@@ -288,11 +296,20 @@ def load_metric():
 
 
 def score_predictions(
-    cards: list[dict], predictions: list[str], nll: list[float] | None, metric
+    cards: list[dict], predictions: list[str] | None, nll: list[float] | None, metric
 ) -> tuple[dict, list[dict]]:
-    """(summary metrics, per-card rows) of `predictions`; nll None (a baseline with no model) reports NaN."""
+    """(summary metrics, per-card rows) of `predictions`; nll None (a baseline with no model) reports NaN,
+    and predictions None (--nll_only: nothing generated) reports NaN overlap metrics."""
     from utils.metrics import content_f1, content_recall
 
+    if predictions is None:
+        summary, rows = score_predictions(cards, [""] * len(cards), nll, metric)
+        for key in ("exact_match", "f1", "rougeL", "content_f1", "content_recall"):
+            summary[key] = math.nan
+        for row in rows:
+            row.update(prediction=None, em=math.nan, f1=math.nan, rougeL=math.nan)
+            row.update(content_f1=math.nan, content_recall=math.nan)
+        return summary, rows
     scores = metric.compute(
         predictions=predictions, references=[c["output"] for c in cards], per_example=True
     )
@@ -330,17 +347,20 @@ def score_model(
     batch_size: int = 8,
     metric=None,
     progress: bool = False,
+    generate: bool = True,
 ) -> tuple[dict, list[dict]]:
-    """(summary metrics, per-card rows) of one model on `cards`."""
-    predictions = generate_answers(
-        model,
-        tokenizer,
-        [c["input"] for c in cards],
-        settings,
-        batch_size=batch_size,
-        instructions=[c["instruction"] for c in cards],
-        progress=progress,
-    )
+    """(summary metrics, per-card rows) of one model on `cards`; generate False scores the NLL alone."""
+    predictions = None
+    if generate:
+        predictions = generate_answers(
+            model,
+            tokenizer,
+            [c["input"] for c in cards],
+            settings,
+            batch_size=batch_size,
+            instructions=[c["instruction"] for c in cards],
+            progress=progress,
+        )
     nll = training.cards_answer_nll(model, tokenizer, cards, batch_size, progress)
     return score_predictions(cards, predictions, nll, metric or load_metric())
 
@@ -627,7 +647,14 @@ def score_all(
         )
         accelerator.print(f"[{job['name']}] {info['privacy']}")
         summary, rows = score_model(
-            model, tokenizer, cards, g, d.batch_size, metric, progress=accelerator.is_local_main_process
+            model,
+            tokenizer,
+            cards,
+            g,
+            d.batch_size,
+            metric,
+            progress=accelerator.is_local_main_process,
+            generate=not d.nll_only,
         )
         del model
         if torch.cuda.is_available():
