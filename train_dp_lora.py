@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 
-from utils import cli, distributed, privacy, privacy_record, tracking, training
+from utils import cli, distributed, privacy, privacy_record, recipe, tracking, training
 from utils.data import (
     BUNDLED_DATASET,
     DataError,
@@ -566,6 +566,7 @@ def run_summary(args, trainer: Trainer, data: Data, start_step: int) -> str:
         f"{data.summary['skipped_too_long']} too long\n"
         f"  logical batch (expected) = {t.logical_batch_size}, physical batch = {t.per_device_train_batch_size}, "
         f"sample rate q = {r.sample_rate:.5f}\n"
+        f"  {data.summary['recipe']}\n"
         f"  steps = {r.planned_steps} (from step {start_step})"
         + (f", step budget = {trainer.budget}\n" if r.dp_enabled else "\n")
         + privacy_line
@@ -619,7 +620,9 @@ def set_up(args, session: Session) -> tuple[Trainer, Data, dict, int]:
     tokenizer = load_tokenizer(args.model.model)
     data = prepare_data(args, tokenizer)
     n_users = len(data.users) if data.users is not None else None
-    validate_against_data(args, n_users if n_users is not None else len(data.train))
+    n = n_users if n_users is not None else len(data.train)
+    data.summary["recipe"] = recipe.apply(args, n)  # the unset levers, from N and epsilon
+    validate_against_data(args, n)
     record, budget = plan_privacy(args, len(data.train), accelerator.num_processes, data.spec, n_users)
     if data.rows_per_user is not None and n_users is None:
         data.summary["group_privacy"] = group_privacy_summary(args, record, data.rows_per_user)

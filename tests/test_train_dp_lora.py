@@ -56,7 +56,8 @@ def test_help_exits_zero_and_shows_every_default(capsys):
     for flag, default in [
         ("--epsilon", "3.0"),
         ("--delta", "None"),
-        ("--max_grad_norm", "1.0"),
+        ("--max_grad_norm", "None"),
+        ("--recipe", "auto"),
         ("--lora_r", "8"),
         ("--lora_alpha", "16"),
         ("--lora_dropout", "0.05"),
@@ -64,7 +65,9 @@ def test_help_exits_zero_and_shows_every_default(capsys):
         ("--model", "google/vaultgemma-1b"),
         ("--dataset", "medalpaca/medical_meadow_medical_flashcards"),
         ("--report_to", "wandb"),
-        ("--logical_batch_size", "64"),
+        ("--logical_batch_size", "None"),
+        ("--learning_rate", "None"),
+        ("--num_train_epochs", "None"),
         ("--seed", "42"),
     ]:
         entry = text.split(f" {flag} ", 1)[1].split(" --", 1)[0]

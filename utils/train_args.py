@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from utils import cli, privacy
 from utils.data import HUB_DATASET
 from utils.model_loading import DEFAULT_MODEL
+from utils.recipe import RECIPES
 from utils.training import DTYPES, LoraArguments
 
 DESCRIPTION = (
@@ -70,7 +71,9 @@ class PrivacyArguments:
     delta: float | None = field(
         default=None, metadata={"help": "target delta; default min(1e-5, 1/(10N)); must be < 1/N"}
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "per-example clipping norm C"})
+    max_grad_norm: float | None = field(
+        default=None, metadata={"help": "per-example clipping norm C; unset: --recipe chooses"}
+    )
     accountant: str = field(
         default="prv", metadata={"help": "privacy accountant", "choices": list(privacy.ACCOUNTANTS)}
     )
@@ -126,20 +129,34 @@ class TrainingArguments:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "replace a finished or partial run already in --output_dir"}
     )
-    logical_batch_size: int = field(
-        default=64,
-        metadata={"help": "expected rows per optimizer step (q = this / N); expected users at user level"},
+    recipe: str = field(
+        default="auto",
+        metadata={
+            "help": "fills the unset levers (batch, epochs, lr, clip): auto from N and epsilon "
+            "(utils/recipe.py, chosen on public data), fixed the first version's constants",
+            "choices": list(RECIPES),
+        },
+    )
+    logical_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "expected rows per optimizer step (q = this / N; expected users at user level); "
+            "unset: --recipe chooses"
+        },
     )
     per_device_train_batch_size: int = field(
         default=8, metadata={"help": "rows per forward/backward (memory only)"}
     )
-    num_train_epochs: float = field(
-        default=1.0, metadata={"help": "planned steps = epochs * N / logical_batch_size"}
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={"help": "planned steps = epochs * N / logical_batch_size; unset: --recipe chooses"},
     )
     max_steps: int = field(
         default=0, metadata={"help": "if > 0, the planned number of steps (overrides epochs)"}
     )
-    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate"})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "AdamW peak learning rate; unset: --recipe chooses"}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(
         default=0.05, metadata={"help": "share of steps with linear warmup before the cosine decay"}
@@ -200,7 +217,7 @@ def validate_args(args) -> None:
         problems.append(f"--epsilon must be a positive finite number, got {p.epsilon}")
     if p.delta is not None and not 0 < p.delta < 1:
         problems.append(f"--delta must be in (0, 1), got {p.delta}")
-    if not p.max_grad_norm > 0:
+    if p.max_grad_norm is not None and not p.max_grad_norm > 0:
         problems.append(f"--max_grad_norm must be > 0, got {p.max_grad_norm}")
     if p.privacy_unit == "user" and not p.user_column:
         problems.append("--privacy_unit user needs --user_column (the column of user ids)")
@@ -227,11 +244,11 @@ def validate_args(args) -> None:
         problems.append("--validation_fraction and --test_fraction must be in [0, 1) and sum to < 1")
     if not 0 < d.train_sample_fraction <= 1:
         problems.append(f"--train_sample_fraction must be in (0, 1], got {d.train_sample_fraction}")
-    if t.logical_batch_size <= 0 or t.per_device_train_batch_size <= 0:
+    if (t.logical_batch_size is not None and t.logical_batch_size <= 0) or t.per_device_train_batch_size <= 0:
         problems.append("--logical_batch_size and --per_device_train_batch_size must be > 0")
-    if t.max_steps <= 0 and not t.num_train_epochs > 0:
+    if t.max_steps <= 0 and t.num_train_epochs is not None and not t.num_train_epochs > 0:
         problems.append("set --num_train_epochs > 0 or --max_steps > 0")
-    if t.learning_rate <= 0:
+    if t.learning_rate is not None and t.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0, got {t.learning_rate}")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"--warmup_ratio must be in [0, 1), got {t.warmup_ratio}")

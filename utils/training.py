@@ -25,6 +25,12 @@ class LoraArguments:
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(LORA_TARGETS), metadata={"help": "module names that get adapters"}
     )
+    lora_freeze_a: bool = field(
+        default=False,
+        metadata={
+            "help": "train B only; A stays at its random init (about half the weights: a smaller noise norm)"
+        },
+    )
 
 
 def compute_dtype(dtype: str, mixed_precision: str, device) -> torch.dtype:
@@ -60,6 +66,10 @@ def build_lora_model(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
+    if lora.lora_freeze_a:  # A is saved with the adapters all the same: peft saves every lora_ weight
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
     for p in model.parameters():  # fp32 even over a bf16 base: clipping and noise happen here
         if p.requires_grad:
             p.data = p.data.float()
@@ -109,14 +119,16 @@ def answer_nll(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    values = []
+    # batches of similar lengths pad little; the values come back in the caller's order
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    values = [0.0] * len(examples)
     for start in tqdm(
         range(0, len(examples), batch_size), desc="answer NLL", unit="batch", disable=not progress
     ):
-        batch = {
-            k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_token_id).items()
-        }
-        values.extend(per_example_loss(model, batch).float().cpu().tolist())
+        chunk = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_token_id).items()}
+        for i, value in zip(chunk, per_example_loss(model, batch).float().cpu().tolist()):
+            values[i] = value
     model.train(was_training)
     return values
 

@@ -1,0 +1,64 @@
+"""The training recipe: the four levers a run leaves unset, chosen from N and epsilon (pure, cheap).
+
+`--recipe auto` (the default) fills each of --logical_batch_size, --num_train_epochs, --learning_rate
+and --max_grad_norm that the command line leaves unset; a value given explicitly always wins. `--recipe
+fixed` fills them with the first version's constants instead. N is the number of training units (rows,
+or users with --privacy_unit user); it is public here as it is for the accountant, whose sample rate
+q = logical batch / N the release bundle already states. The rule was chosen on the bundled, public
+flashcards (bench/utility_study.py, README "Privacy-utility trade-off"): choosing it spent no privacy.
+Tuning it again on private data would, and no epsilon this project prints covers that.
+"""
+
+import math
+
+LEVERS = ("logical_batch_size", "num_train_epochs", "learning_rate", "max_grad_norm")
+FIXED = {"logical_batch_size": 64, "num_train_epochs": 1.0, "learning_rate": 2e-3, "max_grad_norm": 1.0}
+RECIPES = ("auto", "fixed")
+
+MIN_BATCH, MAX_BATCH = 16, 1024
+
+
+def power_of_two_near(x: float) -> int:
+    return 2 ** round(math.log2(max(x, 1.0)))
+
+
+def auto_levers(n: int, epsilon: float | None) -> dict:
+    """The auto recipe at N training units and target epsilon (None: a non-private run)."""
+    if epsilon is None:  # without noise small batches and many steps win
+        return {"logical_batch_size": 16, "num_train_epochs": 1.0, "learning_rate": 2e-3, "max_grad_norm": 1.0}
+    batch = min(MAX_BATCH, max(MIN_BATCH, power_of_two_near(2 * math.sqrt(n))))
+    return {"logical_batch_size": batch, "num_train_epochs": 1.0, "learning_rate": 5e-3, "max_grad_norm": 1.0}
+
+
+def batch_below(n: int, batch: int) -> int:
+    """The largest of `batch` and smaller powers of two that keeps q = batch / N below 1 (tiny data)."""
+    while batch >= n and batch > 1:
+        batch //= 2
+    return batch
+
+
+def resolve(recipe: str, given: dict, n: int, epsilon: float | None) -> dict:
+    """{lever: value} for every lever: `given` where set (not None), else the recipe's choice."""
+    chosen = auto_levers(n, epsilon) if recipe == "auto" else dict(FIXED)
+    if given.get("logical_batch_size") is None:
+        chosen["logical_batch_size"] = batch_below(n, chosen["logical_batch_size"])
+    return {lever: given[lever] if given.get(lever) is not None else chosen[lever] for lever in LEVERS}
+
+
+def describe(recipe: str, given: dict, resolved: dict) -> str:
+    """One line: which levers the recipe chose and which the command line set."""
+    parts = [
+        f"{lever} {resolved[lever]:g}" + ("" if given.get(lever) is None else " (given)") for lever in LEVERS
+    ]
+    return f"recipe {recipe}: " + ", ".join(parts)
+
+
+def apply(args, n: int) -> str:
+    """Fill the unset levers of parsed train_dp_lora.py arguments in place; the line to print."""
+    p, t = args.privacy, args.training
+    owners = {"max_grad_norm": p, "logical_batch_size": t, "num_train_epochs": t, "learning_rate": t}
+    given = {lever: getattr(owner, lever) for lever, owner in owners.items()}
+    resolved = resolve(t.recipe, given, n, None if p.disable_dp else p.epsilon)
+    for lever, owner in owners.items():
+        setattr(owner, lever, resolved[lever])
+    return describe(t.recipe, given, resolved)
