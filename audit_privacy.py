@@ -543,8 +543,7 @@ def summary_text(result: dict) -> str:
         f"  epsilon lower bound = {result['epsilon_lower_bound']:.3f} at {100 * result['confidence']:g}% "
         f"confidence, delta = {format_delta(result['delta'])}"
         f" ({bound['best']['correct']}/{bound['best']['guesses']} guesses correct, m = {bound['m']})",
-        f"  reported epsilon    = {reported}"
-        + (f", unit {result['unit']}" if result["unit"] else ""),
+        f"  reported epsilon    = {reported}" + (f", unit {result['unit']}" if result["unit"] else ""),
         f"  attack AUC = {attack['auc']:.3f}; TPR at 1% FPR = {attack['tpr_at_fpr_0.01']:.3f}; TPR at 10% "
         f"FPR = {attack['tpr_at_fpr_0.1']:.3f}",
         f"  exposure (bits, max measurable {exp['measurable_bits']:.1f} of {exp['secret_space_bits']:.1f}): "

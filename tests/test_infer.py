@@ -44,7 +44,9 @@ def _save_tiny(path: Path, tokenizer, **overrides) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer_for_tests():
-    return build_gemma_style_tokenizer([c["input"] + " " + c["output"] for c in bundled_cards()[:TOKENIZER_CARDS]])
+    return build_gemma_style_tokenizer(
+        [c["input"] + " " + c["output"] for c in bundled_cards()[:TOKENIZER_CARDS]]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,9 @@ def test_a_run_without_lever_flags_trains_with_the_recipe_and_records_it(tiny_mo
     cards = write_cards(tmp_path / "cards.jsonl", bundled_cards()[:60])
     out = tmp_path / "out"
     argv = ["--model", tiny_model_dir, "--dataset", cards, "--output_dir", str(out), "--max_steps", "1"]
-    results = train_dp_lora.main(train_dp_lora.parse_args(argv + ["--report_to", "none", "--eval_steps", "0"]))
+    results = train_dp_lora.main(
+        train_dp_lora.parse_args(argv + ["--report_to", "none", "--eval_steps", "0"])
+    )
     n = results["data"]["n_train"]
     expected = recipe.resolve("auto", UNSET, n, 3.0)
     args = json.loads((out / "private_run_record" / "args.json").read_text())

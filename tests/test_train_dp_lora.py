@@ -549,3 +549,21 @@ def test_a_second_secure_mode_resume_of_one_checkpoint_is_a_fork_refused_unless_
         privacy.epsilon_after(5, b["noise_multiplier"], b["sample_rate"], b["delta"], "prv"), rel=1e-6
     )
     assert b["epsilon_with_forks"] > b["epsilon"] and "forked resume" in b["guarantee"]
+
+
+def test_freeze_a_trains_b_only_and_saves_a_at_its_random_init(tiny_model_dir, tmp_path):
+    # the same seed gives the same LoRA init: A after training with A frozen equals A of a 0-lr run's init
+    frozen = run(
+        tiny_model_dir, tmp_path / "frozen", "--max_steps", "2", "--lora_freeze_a", "--learning_rate", "0.05"
+    )
+    run(tiny_model_dir, tmp_path / "init", "--max_steps", "1", "--lora_freeze_a", "--learning_rate", "1e-12")
+    full = run(tiny_model_dir, tmp_path / "full", "--max_steps", "1")
+    trained, start = (
+        adapter_tensors(tmp_path / "frozen" / "adapter"),
+        adapter_tensors(tmp_path / "init" / "adapter"),
+    )
+    a_keys = [k for k in trained if ".lora_A." in k]
+    assert a_keys and all(torch.equal(trained[k], start[k]) for k in a_keys)  # A never moved
+    assert any(not torch.equal(trained[k], start[k]) for k in trained if ".lora_B." in k)  # B did
+    b_count = sum(v.numel() for k, v in trained.items() if ".lora_B." in k)
+    assert frozen["trainable_parameters"] == b_count < full["trainable_parameters"]

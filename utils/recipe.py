@@ -25,7 +25,12 @@ def power_of_two_near(x: float) -> int:
 def auto_levers(n: int, epsilon: float | None) -> dict:
     """The auto recipe at N training units and target epsilon (None: a non-private run)."""
     if epsilon is None:  # without noise small batches and many steps win
-        return {"logical_batch_size": 16, "num_train_epochs": 1.0, "learning_rate": 2e-3, "max_grad_norm": 1.0}
+        return {
+            "logical_batch_size": 16,
+            "num_train_epochs": 1.0,
+            "learning_rate": 2e-3,
+            "max_grad_norm": 1.0,
+        }
     batch = min(MAX_BATCH, max(MIN_BATCH, power_of_two_near(2 * math.sqrt(n))))
     return {"logical_batch_size": batch, "num_train_epochs": 1.0, "learning_rate": 5e-3, "max_grad_norm": 1.0}
 
