@@ -1,0 +1,501 @@
+"""The utility study: a declared grid over the DP levers, on the bundled (public) flashcards; resumable.
+
+Contract
+- Data: the bundled cards with one fixed split for every run (--test_fraction 0.1, --validation_fraction
+  0.05, --split_seed 0) and one training subset (--train_sample_fraction, a keyed hash: the same rows
+  for every run). Model: the embedded Gemma 3 270M in fp32. Public data only: choosing a recipe here
+  spends no privacy of anyone's private data.
+- Stage `sweep` (GRID below): each configuration trains once (seed 0), at epsilon 8 for the private
+  ones; selection is by the validation split's answer NLL (teacher forcing), never by the test split.
+- Stage `finals`: `--recipe auto` at epsilon 3 and 8, and the sweep's best non-private configuration
+  (lowest validation NLL), each with seeds 0, 1, 2; and the base model once. The test split's answer NLL
+  is the reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
+- Validation NLL: the training run's final evaluation. Test NLL (finals only): evaluate_qa.py
+  --nll_only. A finished run appends one JSON line to --results (name, seed, stage, flags, epsilon,
+  steps, N, validation and test NLL, CPU seconds); a rerun skips every (stage, name, seed) already
+  there, so the study can be stopped and continued at any point. A configuration whose flags (with the
+  recipe's levers resolved at N) equal a finished run's in --runs_dir scores that run instead of training
+  again: the finals reuse the sweep's seed-0 runs. --configs runs only the named configurations.
+- CPU budget: the study starts no run once the CPU time of this invocation's runs passes
+  --cpu_budget_minutes (a run in flight finishes). --jobs runs that many at once, one thread each.
+- Report: --table (markdown) and --plot (PNG: test NLL against epsilon, mean and seed spread),
+  rewritten from the results file after every run, and by --report_only.
+
+Run
+    python bench/utility_study.py --stage sweep --jobs 2         # then:
+    python bench/utility_study.py --stage finals --jobs 2
+    python bench/utility_study.py --report_only
+"""
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python bench/utility_study.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from utils import cli  # noqa: E402
+from utils.run_dir import RunDir, read_json  # noqa: E402
+
+SPLIT = {"test_fraction": 0.1, "validation_fraction": 0.05, "split_seed": 0}
+COMMON = {
+    "max_seq_length": 320,  # the longest bundled card (295 tokens) fits: none skipped
+    "per_device_train_batch_size": 16,
+    "num_train_epochs": 1,
+    "eval_steps": 0,
+    "save_steps": 0,
+    "report_to": "none",
+}
+SWEEP_EPSILON = 8.0
+FINAL_EPSILONS = (3.0, 8.0)
+FINAL_SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    flags: dict  # train_dp_lora.py flags on top of COMMON and SPLIT
+    stage: str = "sweep"
+    seed: int = 0
+
+    @property
+    def private(self) -> bool:
+        return not self.flags.get("disable_dp", False)
+
+
+def dp(name, **flags) -> Config:
+    return Config(name, dict(epsilon=SWEEP_EPSILON, **flags))
+
+
+def nonprivate(name, **flags) -> Config:
+    return Config(name, dict(disable_dp=True, **flags))
+
+
+# The levers of issue #14 at the cost this CPU allows (about 1 training row per CPU-second): one epoch each.
+# At N ~ 270 training rows, batch 16 is about sqrt(N) (dp-transformers' advice) and 32 about 2 sqrt(N).
+GRID = (
+    nonprivate("nonprivate_b16_lr2e-3", logical_batch_size=16, learning_rate=2e-3),
+    nonprivate("nonprivate_b16_lr5e-3", logical_batch_size=16, learning_rate=5e-3),
+    dp("dp_b16_lr2e-3", logical_batch_size=16, learning_rate=2e-3, max_grad_norm=1.0),  # the first version's
+    dp("dp_b32_lr5e-3", logical_batch_size=32, learning_rate=5e-3, max_grad_norm=1.0),
+    dp(
+        "dp_b32_lr5e-3_freeze_a",
+        logical_batch_size=32,
+        learning_rate=5e-3,
+        max_grad_norm=1.0,
+        lora_freeze_a=True,
+    ),
+    dp("dp_b32_lr1e-2", logical_batch_size=32, learning_rate=1e-2, max_grad_norm=1.0),
+    # the trainable dimension: rank 1 on q_proj and v_proj holds 46k weights against rank 8 everywhere's 1.9M,
+    # so the noise norm sigma C sqrt(d) is 6.4x smaller (alpha 2 keeps the scale alpha / r = 2)
+    dp(
+        "dp_b32_lr5e-3_r1_qv",
+        logical_batch_size=32,
+        learning_rate=5e-3,
+        max_grad_norm=1.0,
+        lora_r=1,
+        lora_alpha=2,
+        lora_target_modules=["q_proj", "v_proj"],
+    ),
+)
+
+
+def final_configs(results: list[dict]) -> list[Config]:
+    """--recipe auto at each final epsilon, and the best non-private sweep configuration; 3 seeds each."""
+    configs = [
+        Config(f"recipe_eps{eps:g}", {"recipe": "auto", "epsilon": eps}, "finals", seed)
+        for eps in FINAL_EPSILONS
+        for seed in FINAL_SEEDS
+    ]
+    best = best_nonprivate(results)
+    if best is None:
+        raise StudyError("the finals need the sweep's non-private runs: run --stage sweep first")
+    grid = {c.name: c for c in GRID}
+    configs += [dataclasses.replace(grid[best], stage="finals", seed=seed) for seed in FINAL_SEEDS]
+    return configs
+
+
+def best_nonprivate(results: list[dict]) -> str | None:
+    sweep = [r for r in results if r["stage"] == "sweep" and r["kind"] == "nonprivate"]
+    return min(sweep, key=lambda r: r["validation_nll"])["name"] if sweep else None
+
+
+class StudyError(cli.UserError):
+    pass
+
+
+@dataclass
+class StudyArguments:
+    stage: str = field(default="sweep", metadata={"help": "which runs", "choices": ["sweep", "finals"]})
+    model: str = field(default="gemma3-270m", metadata={"help": "base model of every run"})
+    dataset: str = field(default="bundled", metadata={"help": "public flashcards every run trains on"})
+    train_sample_fraction: float = field(
+        default=0.15, metadata={"help": "share of the training split every run trains on (a keyed hash)"}
+    )
+    cpu_budget_minutes: float = field(
+        default=120.0, metadata={"help": "start no run after this invocation's runs used this much CPU"}
+    )
+    jobs: int = field(default=1, metadata={"help": "runs at once, each with one thread"})
+    runs_dir: str = field(default="outputs/utility_study", metadata={"help": "where the runs are written"})
+    results: str = field(
+        default="bench/results/utility_study.jsonl", metadata={"help": "one JSON line per finished run"}
+    )
+    table: str = field(default="bench/results/utility_study.md", metadata={"help": "markdown table"})
+    plot: str = field(default="docs/utility_study.png", metadata={"help": "test NLL against epsilon"})
+    configs: list[str] = field(
+        default_factory=list, metadata={"help": "run only these configurations of the stage (default: all)"}
+    )
+    report_only: bool = field(default=False, metadata={"help": "rewrite the table and plot, train nothing"})
+
+
+GROUPS = {"study": StudyArguments}
+
+
+def parse_args(argv=None):
+    parser = cli.build_parser(__doc__.split("\n\n")[0], GROUPS)
+    return cli.parse_into(parser, GROUPS, argv)
+
+
+def validate_args(args) -> None:
+    s = args.study
+    problems = []
+    if not 0 < s.train_sample_fraction <= 1:
+        problems.append(f"--train_sample_fraction must be in (0, 1], got {s.train_sample_fraction}")
+    if s.jobs < 1:
+        problems.append(f"--jobs must be >= 1, got {s.jobs}")
+    if s.cpu_budget_minutes <= 0:
+        problems.append(f"--cpu_budget_minutes must be > 0, got {s.cpu_budget_minutes}")
+    if problems:
+        raise cli.ArgumentErrors(problems)
+
+
+# -----------------------------------------------------------------------------
+# running
+
+
+def read_results(path: Path) -> list[dict]:
+    """The finished runs, the first line of each (stage, name, seed): two invocations may both add one."""
+    if not path.exists():
+        return []
+    lines, seen = [], set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if (
+            line.strip()
+            and (key := tuple(json.loads(line)[k] for k in ("stage", "name", "seed"))) not in seen
+        ):
+            seen.add(key)
+            lines.append(json.loads(line))
+    return lines
+
+
+def flag_list(flags: dict) -> list[str]:
+    out = []
+    for key, value in flags.items():
+        out += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
+    return out
+
+
+class ChildCPU:
+    """CPU seconds of finished children, per thread: RUSAGE_CHILDREN would mix concurrent runs."""
+
+    @staticmethod
+    def run(command: list[str], log_path: Path) -> float:
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+            raise StudyError(f"{command[1]} failed (log {log_path}): {tail[0]}")
+        return usage.ru_utime + usage.ru_stime
+
+
+def nll_of(run_dir: Path, split: str, base: bool = False) -> tuple[float, float]:
+    """(answer NLL of the run's adapters, or of the base model, on the run's `split`; CPU seconds)."""
+    out = run_dir / "private_run_record" / f"nll_{split}"
+    command = [sys.executable, "evaluate_qa.py", "--adapters", str(run_dir), "--nll_only", "--split", split]
+    command += ["--batch_size", "16", "--report_to", "none", "--output_dir", str(out)]
+    command += [] if base else ["--no_base"]
+    cpu = ChildCPU.run(command, out.with_suffix(".log"))
+    models = read_json(out / "eval_results.json")["models"]
+    entry = next(m for m in models if m["kind"] == ("base" if base else "adapter"))
+    return entry["metrics"]["nll"], cpu
+
+
+def run_flags(config: Config, s: StudyArguments) -> dict:
+    """Every train_dp_lora.py flag of one run but --output_dir."""
+    flags = dict(COMMON, **SPLIT, **config.flags, model=s.model, dataset=s.dataset, seed=config.seed)
+    return dict(flags, train_sample_fraction=s.train_sample_fraction)
+
+
+IGNORED = ("output_dir", "overwrite_output_dir")
+
+
+def trained_with(run_dir: Path, flags: dict) -> bool:
+    """Did a finished run in run_dir train with exactly these flags (every other flag at its default)?
+
+    Each parsed value is compared with the run's args.json; the levers left unset are compared with
+    what the recipe gives at the run's N and epsilon (utils.recipe, as train_dp_lora.py fills them).
+    """
+    from utils import cli as cli_module, recipe, train_args
+
+    run = RunDir(run_dir)
+    if not (run.results_file.is_file() and run.args_file.is_file()):
+        return False
+    parsed = train_args.parse_args(flag_list(flags))
+    n = read_json(run.results_file)["data"]["n_train"]  # the study is example-level: N is the row count
+    recipe.apply(parsed, n)
+    wanted, saved = cli_module.to_dict(parsed), read_json(run.args_file)
+    return all(
+        saved.get(group, {}).get(key) == value
+        for group, values in wanted.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+        if key not in IGNORED
+    )
+
+
+def train_and_score(config: Config, s: StudyArguments) -> dict:
+    run_dir = Path(s.runs_dir) / f"{config.name}_seed{config.seed}"
+    flags = run_flags(config, s)
+    start = time.time()
+    same = [d for d in sorted(Path(s.runs_dir).glob("*_seed*")) if d.is_dir() and trained_with(d, flags)]
+    trained_here = not same
+    if same:  # a finished run of exactly these flags (the sweep's, or an earlier invocation's): score it
+        run_dir, cpu = same[0], 0.0  # its training CPU is not counted again
+    else:
+        argv = flag_list(dict(flags, output_dir=str(run_dir), overwrite_output_dir=True))
+        cpu = ChildCPU.run([sys.executable, "train_dp_lora.py", *argv], run_dir.with_suffix(".log"))
+    run = RunDir(run_dir)
+    results, resolved = read_json(run.results_file), read_json(run.args_file)
+    test_nll = None  # the sweep selects on validation only; the test split is scored for the finals
+    if config.stage == "finals":
+        test_nll, cpu_test = nll_of(run_dir, "test")
+        cpu += cpu_test
+    # the training run's final evaluation is the validation split's answer NLL (the same function)
+    line = result_line(
+        config, flags, results, resolved, results["eval/loss"], test_nll, cpu, time.time() - start
+    )
+    return dict(line, run_dir=str(run_dir), trained_here=trained_here)
+
+
+def result_line(config, flags, results, resolved, validation_nll, test_nll, cpu_s, wall_s) -> dict:
+    t, p = resolved.get("training", {}), resolved.get("privacy", {})
+    return {
+        "name": config.name,
+        "seed": config.seed,
+        "stage": config.stage,
+        "kind": "dp" if config.private else "nonprivate",
+        "flags": flags,
+        "resolved": {
+            k: t.get(k) for k in ("logical_batch_size", "num_train_epochs", "learning_rate", "warmup_ratio")
+        }
+        | {"max_grad_norm": p.get("max_grad_norm")},  # fmt: skip
+        "epsilon": results["privacy/epsilon"] if config.private else None,
+        "delta": results["privacy/delta"] if config.private else None,
+        "steps": results["steps"],
+        "n_train": results["data"]["n_train"],
+        "validation_nll": validation_nll,
+        "test_nll": test_nll,
+        "cpu_s": round(cpu_s, 1),
+        "wall_s": round(wall_s, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def base_line(first_run: Path, s: StudyArguments) -> dict:
+    start = time.time()
+    validation_nll, cpu_v = nll_of(first_run, "validation", base=True)
+    test_nll, cpu_t = nll_of(first_run, "test", base=True)
+    return {"name": "base", "seed": 0, "stage": "base", "kind": "base", "flags": {"model": s.model},
+            "resolved": {}, "epsilon": None, "delta": None, "steps": 0, "n_train": 0,
+            "validation_nll": validation_nll, "test_nll": test_nll, "cpu_s": round(cpu_v + cpu_t, 1),
+            "wall_s": round(time.time() - start, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+
+
+# -----------------------------------------------------------------------------
+# reporting
+
+
+def mean_sd(values: list[float]) -> tuple[float, float, int]:
+    """(mean, sample standard deviation, count); the deviation is 0 for one value."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """One row per (stage, name): means and seed spreads of the NLLs, and the retention of the fine-tuning
+    gain, (base NLL - NLL) / (base NLL - reference NLL), per seed. The reference is the best non-private
+    configuration: in the sweep on the validation split, in the finals the mean of its seeds on the test split.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["stage"], r["name"]), []).append(r)
+    base = next((r for r in results if r["kind"] == "base"), None)
+    sweep_np = [r["validation_nll"] for r in results if r["stage"] == "sweep" and r["kind"] == "nonprivate"]
+    finals_np = [r["test_nll"] for r in results if r["stage"] == "finals" and r["kind"] == "nonprivate"]
+    reference = {
+        "sweep": ("validation_nll", min(sweep_np) if sweep_np else None),
+        "finals": ("test_nll", statistics.fmean(finals_np) if finals_np else None),
+    }
+    rows = []
+    for (stage, name), runs in groups.items():
+        row = {"stage": stage, "name": name, "kind": runs[0]["kind"], "seeds": len(runs),
+               "resolved": runs[0]["resolved"], "flags": runs[0]["flags"], "n_train": runs[0]["n_train"],
+               "steps": runs[0]["steps"], "cpu_min": sum(r["cpu_s"] for r in runs) / 60}  # fmt: skip
+        row["epsilon"] = max(r["epsilon"] for r in runs) if runs[0]["epsilon"] is not None else None
+        for split in ("validation_nll", "test_nll"):
+            values = [r[split] for r in runs if r[split] is not None]
+            row[split] = mean_sd(values) if len(values) == len(runs) else None
+        metric, ref = reference["finals" if stage == "finals" else "sweep"]
+        if base and ref is not None and base[metric] > ref and row["kind"] != "base" and row[metric]:
+            gain = base[metric] - ref
+            row["retention"] = mean_sd([(base[metric] - r[metric]) / gain for r in runs])
+        rows.append(row)
+    return rows
+
+
+def percent(mean_and_sd, seeds: int) -> str:
+    if not mean_and_sd:
+        return "-"
+    return f"{mean_and_sd[0]:.0%}" + (f" ± {mean_and_sd[1]:.0%}" if seeds > 1 else "")
+
+
+def format_table(rows: list[dict]) -> str:
+    pm = lambda ms: "-" if ms is None else (f"{ms[0]:.4f} ± {ms[1]:.4f}" if ms[2] > 1 else f"{ms[0]:.4f}")  # noqa: E731
+    lines = [
+        "| stage | configuration | epsilon | logical batch | epochs | lr | clip | N | steps | seeds "
+        "| validation NLL | test NLL | retention (sweep: validation, finals: test NLL) | CPU min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        res = row["resolved"]
+        eps = (
+            "-"
+            if row["kind"] == "base"
+            else ("inf (no DP)" if row["epsilon"] is None else f"{row['epsilon']:.2f}")
+        )
+        retention = row.get("retention")
+        lines.append(
+            f"| {row['stage']} | {row['name']} | {eps} | {res.get('logical_batch_size', '-')} "
+            f"| {res.get('num_train_epochs', '-')} | {res.get('learning_rate', '-')} "
+            f"| {res.get('max_grad_norm', '-') if row['kind'] == 'dp' else '-'} | {row['n_train'] or '-'} "
+            f"| {row['steps']} | {row['seeds']} | {pm(row['validation_nll'])} | {pm(row['test_nll'])} "
+            f"| {percent(retention, row['seeds'])} | {row['cpu_min']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finals = [r for r in rows if r["stage"] == "finals"]
+    private = sorted((r for r in finals if r["kind"] == "dp"), key=lambda r: r["epsilon"])
+    if not private:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(
+        [r["epsilon"] for r in private],
+        [r["test_nll"][0] for r in private],
+        yerr=[r["test_nll"][1] for r in private],
+        marker="o",
+        capsize=4,
+        label=f"--recipe auto, DP ({private[0]['seeds']} seeds)",
+    )
+    references = [r for r in finals if r["kind"] == "nonprivate"] + [r for r in rows if r["kind"] == "base"]
+    for r, color in zip(references, ("tab:green", "tab:grey")):
+        mean, sd, seeds = r["test_nll"]
+        ax.axhline(mean, linestyle="--", color=color, label=f"{r['name']} ({seeds} seed{'s' * (seeds > 1)})")
+        if sd:
+            ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.15)
+    ax.set_xlabel("epsilon (delta from the run)")
+    ax.set_ylabel("test answer NLL (mean ± sd over seeds)")
+    ax.set_title("Gemma 3 270M, bundled flashcards")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(s: StudyArguments) -> str:
+    rows = summarise(read_results(Path(s.results)))
+    table = format_table(rows)
+    Path(s.table).parent.mkdir(parents=True, exist_ok=True)
+    Path(s.table).write_text(table, encoding="utf-8")
+    plot(rows, Path(s.plot))
+    return table
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(args) -> dict:
+    validate_args(args)
+    s = args.study
+    results_path = Path(s.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    if s.report_only:
+        print(write_report(s))
+        return {"ran": []}
+    done = {(r["stage"], r["name"], r["seed"]) for r in read_results(results_path)}
+    configs = list(GRID) if s.stage == "sweep" else final_configs(read_results(results_path))
+    unknown = sorted(set(s.configs) - {c.name for c in configs})
+    if unknown:
+        raise StudyError(
+            f"--configs: no {', '.join(unknown)} in stage {s.stage} ({', '.join(c.name for c in configs)})"
+        )
+    todo = [
+        c for c in configs if (c.stage, c.name, c.seed) not in done and (not s.configs or c.name in s.configs)
+    ]
+    lock, used = threading.Lock(), {"cpu_s": 0.0, "ran": []}
+
+    def one(config: Config) -> None:
+        with lock:
+            if used["cpu_s"] >= 60 * s.cpu_budget_minutes:
+                print(f"skipped {config.name} seed {config.seed}: CPU budget spent", flush=True)
+                return
+        print(f"start {config.name} seed {config.seed}", flush=True)
+        line = train_and_score(config, s)
+        with lock:
+            with open(results_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
+            used["cpu_s"] += line["cpu_s"]
+            used["ran"].append((config.name, config.seed))
+            write_report(s)
+        print(f"done {config.name} seed {config.seed}: {line}", flush=True)
+
+    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
+        for future in [pool.submit(one, c) for c in todo]:
+            future.result()
+    finished = [r for r in read_results(results_path) if r["kind"] != "base"]
+    if finished and ("base", "base", 0) not in done:  # the base model on the split every run shares
+        first = Path(
+            finished[0].get("run_dir")
+            or Path(s.runs_dir) / f"{finished[0]['name']}_seed{finished[0]['seed']}"
+        )
+        with open(results_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(base_line(first, s)) + "\n")
+    print(write_report(s))
+    return used
+
+
+def cli_main(argv=None) -> int:
+    return cli.run_main(main, parse_args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

@@ -1,0 +1,100 @@
+"""bench/utility_study.py on a tiny model: the declared grid runs, resumes, keeps to its CPU budget,
+selects on validation, and reports retention against the best non-private run (not a utility test)."""
+
+import json
+import math
+
+import pytest
+
+from bench import utility_study
+from conftest import bundled_cards, write_cards
+
+TINY_GRID = (
+    utility_study.nonprivate("np_a", logical_batch_size=8, learning_rate=2e-3, max_steps=2),
+    utility_study.nonprivate("np_b", logical_batch_size=8, learning_rate=5e-3, max_steps=2),
+    utility_study.dp("dp_a", logical_batch_size=8, learning_rate=5e-3, max_steps=2),
+)
+
+
+def make_study(model_dir, root, monkeypatch):
+    """(run(*flags), lines()) of a study on the tiny model and 80 bundled cards, writing under root."""
+    monkeypatch.setattr(utility_study, "GRID", TINY_GRID)
+    monkeypatch.setattr(utility_study, "FINAL_EPSILONS", (8.0,))
+    monkeypatch.setattr(utility_study, "FINAL_SEEDS", (0, 1))
+    monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, per_device_train_batch_size=8))
+    cards = write_cards(root / "cards.jsonl", bundled_cards()[:80])
+
+    def run(*flags):
+        argv = ["--model", model_dir, "--dataset", cards, "--train_sample_fraction", "1", "--jobs", "2"]
+        argv += ["--runs_dir", str(root / "runs"), "--results", str(root / "results.jsonl")]
+        argv += ["--table", str(root / "table.md"), "--plot", str(root / "curve.png")]
+        return utility_study.main(utility_study.parse_args(argv + list(flags)))
+
+    def lines():
+        return [json.loads(x) for x in (root / "results.jsonl").read_text().splitlines()]
+
+    return run, lines
+
+
+@pytest.fixture(scope="module")
+def studied(tiny_model_dir, tmp_path_factory):
+    """The sweep, the sweep again, then the finals: what each left in the results file."""
+    root = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run, lines = make_study(tiny_model_dir, root, monkeypatch)
+        with pytest.raises(utility_study.StudyError, match="run --stage sweep first"):
+            run("--stage", "finals")
+        run("--stage", "sweep")
+        after_sweep = lines()
+        rerun = run("--stage", "sweep")
+        after_rerun = lines()
+        run("--stage", "finals")
+        yield {"root": root, "sweep": after_sweep, "rerun": rerun, "after_rerun": after_rerun, "all": lines()}
+
+
+def test_sweep_writes_one_line_per_configuration_and_a_rerun_trains_nothing(studied):
+    first = studied["sweep"]
+    sweep = [r for r in first if r["stage"] == "sweep"]
+    assert sorted(r["name"] for r in sweep) == ["dp_a", "np_a", "np_b"]
+    assert [r["name"] for r in first if r["kind"] == "base"] == ["base"]  # scored once, on the shared split
+    for r in sweep:
+        assert math.isfinite(r["validation_nll"]) and r["test_nll"] is None  # the sweep never scores test
+        assert r["cpu_s"] > 0 and r["steps"] == 2 and r["flags"]["seed"] == 0
+    dp = next(r for r in sweep if r["kind"] == "dp")
+    assert 0 < dp["epsilon"] <= 8.0 and dp["resolved"]["max_grad_norm"] == 1.0
+    assert studied["rerun"]["ran"] == [] and studied["after_rerun"] == first  # resumable: nothing twice
+
+
+def test_finals_run_the_recipe_and_the_best_nonprivate_configuration_over_seeds(studied):
+    results = studied["all"]
+    sweep = {r["name"]: r for r in results if r["stage"] == "sweep"}
+    best = min(("np_a", "np_b"), key=lambda name: sweep[name]["validation_nll"])
+    finals = [r for r in results if r["stage"] == "finals"]
+    assert sorted((r["name"], r["seed"]) for r in finals) == sorted(
+        [("recipe_eps8", 0), ("recipe_eps8", 1), (best, 0), (best, 1)]
+    )
+    assert all(math.isfinite(r["test_nll"]) for r in finals)
+    # the best non-private seed 0 is the sweep's own run, scored on test, not trained again
+    reused = next(r for r in finals if r["name"] == best and r["seed"] == 0)
+    assert reused["validation_nll"] == sweep[best]["validation_nll"]
+    recipe = [r for r in finals if r["name"] == "recipe_eps8"]
+    assert all(r["flags"]["recipe"] == "auto" and r["epsilon"] <= 8.0 for r in recipe)
+    rows = {(row["stage"], row["name"]): row for row in utility_study.summarise(results)}
+    base = next(r for r in results if r["kind"] == "base")
+    reference = sum(r["test_nll"] for r in finals if r["name"] == best) / 2
+    expected = [(base["test_nll"] - r["test_nll"]) / (base["test_nll"] - reference) for r in recipe]
+    # retention is defined only when fine-tuning gained something; both means are of the same two floats
+    # (budget: a few ulps of reordering)
+    if base["test_nll"] > reference:
+        assert rows[("finals", "recipe_eps8")]["retention"][0] == pytest.approx(sum(expected) / 2, rel=1e-12)
+    else:
+        assert "retention" not in rows[("finals", "recipe_eps8")]
+    table = (studied["root"] / "table.md").read_text()
+    assert "| finals | recipe_eps8 |" in table and "| sweep | dp_a |" in table
+    assert (studied["root"] / "curve.png").stat().st_size > 0
+
+
+def test_cpu_budget_stops_new_runs_once_spent(tiny_model_dir, tmp_path, monkeypatch):
+    run, lines = make_study(tiny_model_dir, tmp_path, monkeypatch)
+    used = run("--stage", "sweep", "--jobs", "1", "--cpu_budget_minutes", "0.0001")
+    assert len(used["ran"]) == 1 and len([r for r in lines() if r["stage"] == "sweep"]) == 1
