@@ -17,7 +17,7 @@ import torch
 
 import train_dp_lora
 from conftest import FP32_EPS, FP64_EPS, assert_close_scaled, bundled_cards, scaled_error, write_cards
-from utils import privacy, train_args, training
+from utils import privacy, recipe, train_args, training
 from utils.data import collate
 from utils.loss import per_example_loss
 from utils.prompt import encode_example
@@ -468,6 +468,9 @@ def test_delta_must_be_below_one_over_n():
         assert privacy.check_delta(privacy.default_delta(n), n) is None and privacy.default_delta(n) < 1 / n
         assert privacy.check_delta(1 / n, n) is not None and privacy.check_delta(2 / n, n) is not None
     args = train_dp_lora.parse_args(["--delta", "0.01"])
+    recipe.apply(
+        args, 100
+    )  # as train_dp_lora.set_up does: the recipe fills the levers before the data checks
     with pytest.raises(train_dp_lora.cli.ArgumentErrors, match="must be in \\(0, 1/N\\)"):
         train_args.validate_against_data(args, n_train=100)
 
