@@ -119,10 +119,12 @@ def test_split_is_recomputable_from_the_bundle_and_no_per_row_record_is_stored(d
     cards, _ = clean_rows(bundled_cards())
     assigned = [assign_split(c, SplitSpec.from_json(report["split"])) for c in cards]
     summary = read(out / "private_run_record" / "data_summary.json")
-    assert report["n_train"] == summary["n_train"] == assigned.count("train")  # no row was too long here
-    assert summary["n_test"] == assigned.count("test") and summary["n_validation"] == assigned.count(
-        "validation"
+    assert report["n_train"] == summary["n_train"] and summary["n_test"] == assigned.count("test")
+    # every assigned training and validation row was kept, or skipped as too long and counted
+    dropped = (
+        assigned.count("train") - summary["n_train"] + assigned.count("validation") - summary["n_validation"]
     )
+    assert dropped == summary["skipped_too_long"]
     assert all(
         not isinstance(v, (list, dict)) for v in summary.values()
     )  # counts only: no indices, no hashes

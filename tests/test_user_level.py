@@ -358,17 +358,20 @@ def test_resume_refuses_a_change_of_unit_column_or_k(user_run, tiny_model_dir, t
     assert "cannot resume from" in err
 
 
-def test_example_level_with_a_user_column_reports_group_privacy_for_the_largest_user(train_run):
+def test_example_level_with_a_user_column_reports_group_privacy_for_the_largest_user(
+    train_run, tiny_tokenizer
+):
     out = train_run("--user_column", "student_id", dataset=str(STUDENTS))
     report = read(out / "adapter" / "privacy_report.json")
     summary = read(out / "private_run_record" / "data_summary.json")
     assert set(report) == EXAMPLE_REPORT_FIELDS  # still an example-level report
-    # the largest training user, directly from the data and the split
+    # the largest training user, directly from the data, the split and the length limit
     cards, _ = data.clean_rows(student_rows(), user_column="student_id")
     spec = data.SplitSpec.from_json(report["split"])
-    k = max(
-        collections.Counter(c["student_id"] for c in cards if data.assign_split(c, spec) == "train").values()
-    )
+    limit = read(out / "private_run_record" / "args.json")["data"]["max_seq_length"]
+    train = [c for c in cards if data.assign_split(c, spec) == "train"]
+    kept, _ = data.tokenize_cards(tiny_tokenizer, train, limit, user_column="student_id")
+    k = max(collections.Counter(e["user"] for e in kept).values())
     g = summary["group_privacy"]
     assert g["largest_user_rows"] == k > 1
     assert g["epsilon"] == k * report["target_epsilon"]

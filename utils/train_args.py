@@ -72,7 +72,7 @@ class PrivacyArguments:
         default=None, metadata={"help": "target delta; default min(1e-5, 1/(10N)); must be < 1/N"}
     )
     max_grad_norm: float | None = field(
-        default=None, metadata={"help": "per-example clipping norm C; unset: --recipe chooses"}
+        default=None, metadata={"help": "per-example clipping norm C; unset: the recipe chooses"}
     )
     accountant: str = field(
         default="prv", metadata={"help": "privacy accountant", "choices": list(privacy.ACCOUNTANTS)}
@@ -141,7 +141,7 @@ class TrainingArguments:
         default=None,
         metadata={
             "help": "expected rows per optimizer step (q = this / N; expected users at user level); "
-            "unset: --recipe chooses"
+            "unset: the recipe chooses"
         },
     )
     per_device_train_batch_size: int = field(
@@ -149,13 +149,13 @@ class TrainingArguments:
     )
     num_train_epochs: float | None = field(
         default=None,
-        metadata={"help": "planned steps = epochs * N / logical_batch_size; unset: --recipe chooses"},
+        metadata={"help": "planned steps = epochs * N / logical_batch_size; unset: the recipe chooses"},
     )
     max_steps: int = field(
         default=0, metadata={"help": "if > 0, the planned number of steps (overrides epochs)"}
     )
     learning_rate: float | None = field(
-        default=None, metadata={"help": "AdamW peak learning rate; unset: --recipe chooses"}
+        default=None, metadata={"help": "AdamW peak learning rate; unset: the recipe chooses"}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(
