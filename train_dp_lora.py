@@ -30,7 +30,9 @@ Privacy contract (each clause lives in one named place)
   Memory: a physical batch must hold a user's K rows, and per-sample gradients are per row until they
   are summed per user (utils/privacy.py sum_grad_samples_by_user), so peak memory is as today's for
   a physical batch of that many rows.
-- Group privacy (example unit with --user_column): an (eps, delta)-DP run protects a user with k rows
+- Group privacy (example unit with --user_column): the split still hashes the user id, so evaluation
+  holds out whole users (a row's split depends on its own user id alone: one row added or removed still
+  changes the training set by at most that row); an (eps, delta)-DP run protects a user with k rows
   at (k eps, k e^{(k-1) eps} delta), the standard group-privacy bound (Dwork and Roth 2014, Section 2.3;
   utils/privacy.py group_privacy, which derives it), printed and put in the private data summary
   for the largest user's k (computed at the target epsilon).
@@ -118,7 +120,7 @@ def prepare_data(args, tokenizer) -> Data:
         d.validation_fraction,
         d.test_fraction,
         d.train_sample_fraction,
-        user_column=column if by_user else None,
+        user_column=column,  # either unit: evaluation holds out whole users
     )
     split = split_cards(cards, spec)
     train, too_long_train = tokenize_cards(
@@ -475,7 +477,7 @@ def write_bundle(directory: Path, trainer: Trainer, record: PrivacyRecord, resol
         record,
         resolved["model"]["model"],
         trainer.model.peft_config["default"].to_dict(),
-        resolved["data"] | {"seed": resolved["data"]["split_seed"]},
+        record.split,  # the public split spec: seed, fractions, and whether it hashed user ids
     )
     write_bundle_contents(directory, trainer.model, trainer.tokenizer, record.to_json(), card)
 

@@ -10,6 +10,11 @@ Contract
 - Stage `finals`: `--recipe auto` at epsilon 3 and 8, and the sweep's best non-private configuration
   (lowest validation NLL), each with seeds 0, 1, 2; and the base model once. The test split's answer NLL
   is the reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
+- Stage `users` (user-level DP, issue #13), measured the same way on --user_dataset (the same cards, in
+  students): `--recipe auto --privacy_unit user` at epsilon 3 and 8 and the best non-private configuration
+  (example unit), seeds 0, 1, 2, and the base model, all with --user_column: the split hashes the student
+  id (USER_SPLIT: 240 test cards of 29 students held out), and --train_sample_fraction keeps students.
+  Its retention is against its own base and non-private reference on its own test split.
 - Validation NLL: the training run's final evaluation. Test NLL (finals only): evaluate_qa.py
   --nll_only. A finished run appends one JSON line to --results (name, seed, stage, flags, epsilon,
   steps, N, validation and test NLL, CPU seconds); a rerun skips every (stage, name, seed) already
@@ -24,6 +29,7 @@ Contract
 Run
     python bench/utility_study.py --stage sweep --jobs 2         # then:
     python bench/utility_study.py --stage finals --jobs 2
+    python bench/utility_study.py --stage users --jobs 2
     python bench/utility_study.py --report_only
 """
 
@@ -55,6 +61,9 @@ COMMON = {
     "save_steps": 0,
     "report_to": "none",
 }
+# test 0.12 of the 294 students holds out 240 cards (29 students); 0.10 would hold out 164
+USER_SPLIT = {"test_fraction": 0.12, "validation_fraction": 0.05, "split_seed": 0}
+USER_COLUMN = "student_id"
 SWEEP_EPSILON = 8.0
 FINAL_EPSILONS = (3.0, 8.0)
 FINAL_SEEDS = (0, 1, 2)
@@ -124,6 +133,23 @@ def final_configs(results: list[dict]) -> list[Config]:
     return configs
 
 
+def user_configs(results: list[dict], s: "StudyArguments") -> list[Config]:
+    """The finals' configurations at user level on --user_dataset: the recipe per epsilon over users, and
+    the best non-private configuration over rows, both splitting by student."""
+    best = best_nonprivate(results)
+    if best is None:
+        raise StudyError("the users stage needs the sweep's non-private runs: run --stage sweep first")
+    on_users = dict(USER_SPLIT, dataset=s.user_dataset, user_column=USER_COLUMN)
+    configs = [
+        Config(f"user_recipe_eps{eps:g}", {"recipe": "auto", "epsilon": eps, "privacy_unit": "user"} | on_users,
+               "users", seed)
+        for eps in FINAL_EPSILONS
+        for seed in FINAL_SEEDS
+    ]  # fmt: skip
+    flags = {c.name: c.flags for c in GRID}[best] | on_users
+    return configs + [Config(f"user_{best}", flags, "users", seed) for seed in FINAL_SEEDS]
+
+
 def best_nonprivate(results: list[dict]) -> str | None:
     sweep = [r for r in results if r["stage"] == "sweep" and r["kind"] == "nonprivate"]
     return min(sweep, key=lambda r: r["validation_nll"])["name"] if sweep else None
@@ -135,9 +161,15 @@ class StudyError(cli.UserError):
 
 @dataclass
 class StudyArguments:
-    stage: str = field(default="sweep", metadata={"help": "which runs", "choices": ["sweep", "finals"]})
+    stage: str = field(
+        default="sweep", metadata={"help": "which runs", "choices": ["sweep", "finals", "users"]}
+    )
     model: str = field(default="gemma3-270m", metadata={"help": "base model of every run"})
     dataset: str = field(default="bundled", metadata={"help": "public flashcards every run trains on"})
+    user_dataset: str = field(
+        default="data/flashcards_by_student.jsonl",
+        metadata={"help": "the same public cards with a student id per row (stage users)"},
+    )
     train_sample_fraction: float = field(
         default=0.15, metadata={"help": "share of the training split every run trains on (a keyed hash)"}
     )
@@ -234,7 +266,7 @@ def nll_of(run_dir: Path, split: str, base: bool = False) -> tuple[float, float]
 
 def run_flags(config: Config, s: StudyArguments) -> dict:
     """Every train_dp_lora.py flag of one run but --output_dir."""
-    flags = dict(COMMON, **SPLIT, **config.flags, model=s.model, dataset=s.dataset, seed=config.seed)
+    flags = {**COMMON, **SPLIT, "model": s.model, "dataset": s.dataset, **config.flags, "seed": config.seed}
     return dict(flags, train_sample_fraction=s.train_sample_fraction)
 
 
@@ -253,7 +285,10 @@ def trained_with(run_dir: Path, flags: dict) -> bool:
     if not (run.results_file.is_file() and run.args_file.is_file()):
         return False
     parsed = train_args.parse_args(flag_list(flags))
-    n = read_json(run.results_file)["data"]["n_train"]  # the study is example-level: N is the row count
+    data = read_json(run.results_file)["data"]
+    n = data.get("n_train_users") if parsed.privacy.privacy_unit == "user" else data["n_train"]
+    if n is None:  # a user-level configuration, and a run that counted no users
+        return False
     recipe.apply(parsed, n)
     wanted, saved = cli_module.to_dict(parsed), read_json(run.args_file)
     return all(
@@ -279,7 +314,7 @@ def train_and_score(config: Config, s: StudyArguments) -> dict:
     run = RunDir(run_dir)
     results, resolved = read_json(run.results_file), read_json(run.args_file)
     test_nll = None  # the sweep selects on validation only; the test split is scored for the finals
-    if config.stage == "finals":
+    if config.stage in ("finals", "users"):
         test_nll, cpu_test = nll_of(run_dir, "test")
         cpu += cpu_test
     # the training run's final evaluation is the validation split's answer NLL (the same function)
@@ -305,6 +340,7 @@ def result_line(config, flags, results, resolved, validation_nll, test_nll, cpu_
         "delta": results["privacy/delta"] if config.private else None,
         "steps": results["steps"],
         "n_train": results["data"]["n_train"],
+        "n_users": results["data"].get("n_train_users") if flags.get("privacy_unit") == "user" else None,
         "validation_nll": validation_nll,
         "test_nll": test_nll,
         "cpu_s": round(cpu_s, 1),
@@ -313,11 +349,12 @@ def result_line(config, flags, results, resolved, validation_nll, test_nll, cpu_
     }
 
 
-def base_line(first_run: Path, s: StudyArguments) -> dict:
+def base_line(first_run: Path, s: StudyArguments, name: str = "base") -> dict:
+    """The base model on first_run's validation and test splits (the split every run of its stage shares)."""
     start = time.time()
     validation_nll, cpu_v = nll_of(first_run, "validation", base=True)
     test_nll, cpu_t = nll_of(first_run, "test", base=True)
-    return {"name": "base", "seed": 0, "stage": "base", "kind": "base", "flags": {"model": s.model},
+    return {"name": name, "seed": 0, "stage": "base", "kind": "base", "flags": {"model": s.model},
             "resolved": {}, "epsilon": None, "delta": None, "steps": 0, "n_train": 0,
             "validation_nll": validation_nll, "test_nll": test_nll, "cpu_s": round(cpu_v + cpu_t, 1),
             "wall_s": round(time.time() - start, 1),
@@ -333,31 +370,39 @@ def mean_sd(values: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
+BASE_OF = {"sweep": "base", "finals": "base", "users": "base_users"}  # the base run on each stage's split
+
+
 def summarise(results: list[dict]) -> list[dict]:
     """One row per (stage, name): means and seed spreads of the NLLs, and the retention of the fine-tuning
-    gain, (base NLL - NLL) / (base NLL - reference NLL), per seed. The reference is the best non-private
-    configuration: in the sweep on the validation split, in the finals the mean of its seeds on the test split.
+    gain, (base NLL - NLL) / (base NLL - reference NLL), per seed. The base is the base model on the stage's
+    split; the reference is the best non-private configuration: in the sweep on the validation split, in the
+    finals and the users stage the mean of its seeds on that stage's test split.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["stage"], r["name"]), []).append(r)
-    base = next((r for r in results if r["kind"] == "base"), None)
-    sweep_np = [r["validation_nll"] for r in results if r["stage"] == "sweep" and r["kind"] == "nonprivate"]
-    finals_np = [r["test_nll"] for r in results if r["stage"] == "finals" and r["kind"] == "nonprivate"]
-    reference = {
-        "sweep": ("validation_nll", min(sweep_np) if sweep_np else None),
-        "finals": ("test_nll", statistics.fmean(finals_np) if finals_np else None),
-    }
+    bases = {r["name"]: r for r in results if r["kind"] == "base"}
+
+    def reference(stage: str) -> tuple[str, float | None]:
+        metric = "validation_nll" if stage == "sweep" else "test_nll"
+        values = [r[metric] for r in results if r["stage"] == stage and r["kind"] == "nonprivate"]
+        if not values:
+            return metric, None
+        return metric, min(values) if stage == "sweep" else statistics.fmean(values)
+
     rows = []
     for (stage, name), runs in groups.items():
         row = {"stage": stage, "name": name, "kind": runs[0]["kind"], "seeds": len(runs),
                "resolved": runs[0]["resolved"], "flags": runs[0]["flags"], "n_train": runs[0]["n_train"],
-               "steps": runs[0]["steps"], "cpu_min": sum(r["cpu_s"] for r in runs) / 60}  # fmt: skip
+               "n_users": runs[0].get("n_users"), "steps": runs[0]["steps"],
+               "cpu_min": sum(r["cpu_s"] for r in runs) / 60}  # fmt: skip
         row["epsilon"] = max(r["epsilon"] for r in runs) if runs[0]["epsilon"] is not None else None
         for split in ("validation_nll", "test_nll"):
             values = [r[split] for r in runs if r[split] is not None]
             row[split] = mean_sd(values) if len(values) == len(runs) else None
-        metric, ref = reference["finals" if stage == "finals" else "sweep"]
+        metric, ref = reference(stage)
+        base = bases.get(BASE_OF.get(stage))
         if base and ref is not None and base[metric] > ref and row["kind"] != "base" and row[metric]:
             gain = base[metric] - ref
             row["retention"] = mean_sd([(base[metric] - r[metric]) / gain for r in runs])
@@ -374,8 +419,8 @@ def percent(mean_and_sd, seeds: int) -> str:
 def format_table(rows: list[dict]) -> str:
     pm = lambda ms: "-" if ms is None else (f"{ms[0]:.4f} ± {ms[1]:.4f}" if ms[2] > 1 else f"{ms[0]:.4f}")  # noqa: E731
     lines = [
-        "| stage | configuration | epsilon | logical batch | epochs | lr | clip | N | steps | seeds "
-        "| validation NLL | test NLL | retention (sweep: validation, finals: test NLL) | CPU min |",
+        "| stage | configuration | epsilon | logical batch | epochs | lr | clip | N (training) | steps | seeds "
+        "| validation NLL | test NLL | retention (sweep: validation, finals and users: test NLL) | CPU min |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -386,10 +431,11 @@ def format_table(rows: list[dict]) -> str:
             else ("inf (no DP)" if row["epsilon"] is None else f"{row['epsilon']:.2f}")
         )
         retention = row.get("retention")
+        n = f"{row['n_users']} users ({row['n_train']} rows)" if row.get("n_users") else row["n_train"] or "-"
         lines.append(
             f"| {row['stage']} | {row['name']} | {eps} | {res.get('logical_batch_size', '-')} "
             f"| {res.get('num_train_epochs', '-')} | {res.get('learning_rate', '-')} "
-            f"| {res.get('max_grad_norm', '-') if row['kind'] == 'dp' else '-'} | {row['n_train'] or '-'} "
+            f"| {res.get('max_grad_norm', '-') if row['kind'] == 'dp' else '-'} | {n} "
             f"| {row['steps']} | {row['seeds']} | {pm(row['validation_nll'])} | {pm(row['test_nll'])} "
             f"| {percent(retention, row['seeds'])} | {row['cpu_min']:.1f} |"
         )
@@ -397,34 +443,38 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Retention against epsilon, per privacy unit: each unit against its own split's base (0%) and
+    best non-private reference (100%), so both units share one axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finals = [r for r in rows if r["stage"] == "finals"]
-    private = sorted((r for r in finals if r["kind"] == "dp"), key=lambda r: r["epsilon"])
-    if not private:
+    series = [
+        (stage, label, sorted((r for r in rows if r["stage"] == stage and r["kind"] == "dp"
+                               and r.get("retention")), key=lambda r: r["epsilon"]))
+        for stage, label in (("finals", "example unit (one row)"), ("users", "user unit (one student)"))
+    ]  # fmt: skip
+    if not any(points for _, _, points in series):
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(
-        [r["epsilon"] for r in private],
-        [r["test_nll"][0] for r in private],
-        yerr=[r["test_nll"][1] for r in private],
-        marker="o",
-        capsize=4,
-        label=f"--recipe auto, DP ({private[0]['seeds']} seeds)",
-    )
-    references = [r for r in finals if r["kind"] == "nonprivate"] + [r for r in rows if r["kind"] == "base"]
-    for r, color in zip(references, ("tab:green", "tab:grey")):
-        mean, sd, seeds = r["test_nll"]
-        ax.axhline(mean, linestyle="--", color=color, label=f"{r['name']} ({seeds} seed{'s' * (seeds > 1)})")
-        if sd:
-            ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.15)
+    for (_, label, points), marker in zip(series, ("o", "s")):
+        if points:
+            ax.errorbar(
+                [r["epsilon"] for r in points],
+                [100 * r["retention"][0] for r in points],
+                yerr=[100 * r["retention"][1] for r in points],
+                marker=marker,
+                capsize=4,
+                label=f"--recipe auto, {label} ({points[0]['seeds']} seeds)",
+            )
+    ax.axhline(100, linestyle="--", color="tab:green", label="best non-private configuration")
+    ax.axhline(0, linestyle="--", color="tab:grey", label="base model")
+    ax.scatter([3, 8], [80, 90], marker="*", s=90, color="tab:red", label="issue #14 goals", zorder=3)
     ax.set_xlabel("epsilon (delta from the run)")
-    ax.set_ylabel("test answer NLL (mean ± sd over seeds)")
+    ax.set_ylabel("retention of the test NLL gain, % (mean ± sd)")
     ax.set_title("Gemma 3 270M, bundled flashcards")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -452,7 +502,12 @@ def main(args) -> dict:
         print(write_report(s))
         return {"ran": []}
     done = {(r["stage"], r["name"], r["seed"]) for r in read_results(results_path)}
-    configs = list(GRID) if s.stage == "sweep" else final_configs(read_results(results_path))
+    finished_before = read_results(results_path)
+    configs = {
+        "sweep": lambda: list(GRID),
+        "finals": lambda: final_configs(finished_before),
+        "users": lambda: user_configs(finished_before, s),
+    }[s.stage]()
     unknown = sorted(set(s.configs) - {c.name for c in configs})
     if unknown:
         raise StudyError(
@@ -481,14 +536,17 @@ def main(args) -> dict:
     with ThreadPoolExecutor(max_workers=s.jobs) as pool:
         for future in [pool.submit(one, c) for c in todo]:
             future.result()
-    finished = [r for r in read_results(results_path) if r["kind"] != "base"]
-    if finished and ("base", "base", 0) not in done:  # the base model on the split every run shares
+    base = BASE_OF[s.stage]
+    finished = [r for r in read_results(results_path) if r["kind"] != "base" and BASE_OF[r["stage"]] == base]
+    if (
+        finished and ("base", base, 0) not in done
+    ):  # the base model on the split every run of the stage shares
         first = Path(
             finished[0].get("run_dir")
             or Path(s.runs_dir) / f"{finished[0]['name']}_seed{finished[0]['seed']}"
         )
         with open(results_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(base_line(first, s)) + "\n")
+            handle.write(json.dumps(base_line(first, s, base)) + "\n")
     print(write_report(s))
     return used
 

@@ -358,16 +358,26 @@ def test_resume_refuses_a_change_of_unit_column_or_k(user_run, tiny_model_dir, t
     assert "cannot resume from" in err
 
 
-def test_example_level_with_a_user_column_reports_group_privacy_for_the_largest_user(
+def test_example_level_with_a_user_column_holds_out_whole_users_and_reports_group_privacy_for_the_largest(
     train_run, tiny_tokenizer
 ):
     out = train_run("--user_column", "student_id", dataset=str(STUDENTS))
     report = read(out / "adapter" / "privacy_report.json")
     summary = read(out / "private_run_record" / "data_summary.json")
     assert set(report) == EXAMPLE_REPORT_FIELDS  # still an example-level report
-    # the largest training user, directly from the data, the split and the length limit
+    assert report["unit"] == "example: one row (flashcard) of the training split"
+    # the split is by user at the example unit too: evaluation holds out students, not rows
     cards, _ = data.clean_rows(student_rows(), user_column="student_id")
     spec = data.SplitSpec.from_json(report["split"])
+    assert spec.user_column == "student_id" and spec.method == data.USER_METHOD
+    splits_of_user = collections.defaultdict(set)
+    for card in cards:
+        splits_of_user[card["student_id"]].add(data.assign_split(card, spec))
+    assert all(len(s) == 1 for s in splits_of_user.values())
+    assert {"train", "test"} <= set().union(*splits_of_user.values())
+    card_text = (out / "adapter" / "README.md").read_text()
+    assert "each user's split follows from a keyed hash of its `student_id` value" in card_text
+    # the largest training user, directly from the data, the split and the length limit
     limit = read(out / "private_run_record" / "args.json")["data"]["max_seq_length"]
     train = [c for c in cards if data.assign_split(c, spec) == "train"]
     kept, _ = data.tokenize_cards(tiny_tokenizer, train, limit, user_column="student_id")

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from bench import utility_study
-from conftest import bundled_cards, write_cards
+from conftest import REPO, bundled_cards, write_cards
+from utils import data
 
 TINY_GRID = (
     utility_study.nonprivate("np_a", logical_batch_size=8, learning_rate=2e-3, max_steps=2),
@@ -49,6 +50,13 @@ def studied(tiny_model_dir, tmp_path_factory):
         rerun = run("--stage", "sweep")
         after_rerun = lines()
         run("--stage", "finals")
+        # the users stage on 600 student cards (about 65 students), one seed, 2 steps a run
+        students = (REPO / "data" / "flashcards_by_student.jsonl").read_text(encoding="utf-8").splitlines()
+        (root / "students.jsonl").write_text("\n".join(students[:600]) + "\n", encoding="utf-8")
+        monkeypatch.setattr(utility_study, "FINAL_SEEDS", (0,))
+        monkeypatch.setattr(utility_study, "USER_SPLIT", dict(utility_study.USER_SPLIT, test_fraction=0.2))
+        monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, max_steps=2))
+        run("--stage", "users", "--user_dataset", str(root / "students.jsonl"))
         yield {"root": root, "sweep": after_sweep, "rerun": rerun, "after_rerun": after_rerun, "all": lines()}
 
 
@@ -98,3 +106,45 @@ def test_cpu_budget_stops_new_runs_once_spent(tiny_model_dir, tmp_path, monkeypa
     run, lines = make_study(tiny_model_dir, tmp_path, monkeypatch)
     used = run("--stage", "sweep", "--jobs", "1", "--cpu_budget_minutes", "0.0001")
     assert len(used["ran"]) == 1 and len([r for r in lines() if r["stage"] == "sweep"]) == 1
+
+
+def test_users_stage_trains_user_level_dp_and_its_reference_on_one_split_that_holds_out_whole_students(
+    studied,
+):
+    results = studied["all"]
+    users = {r["name"]: r for r in results if r["stage"] == "users"}
+    best = min((r for r in results if r["stage"] == "sweep" and r["kind"] == "nonprivate"),
+               key=lambda r: r["validation_nll"])["name"]  # fmt: skip
+    assert sorted(users) == sorted(["user_recipe_eps8", f"user_{best}"])
+    dp, reference = users["user_recipe_eps8"], users[f"user_{best}"]
+    assert dp["flags"]["privacy_unit"] == "user" and 0 < dp["epsilon"] <= 8.0 and dp["n_users"] > 16
+    assert reference["kind"] == "nonprivate" and reference["n_users"] is None  # rows, at the example unit
+    # one split for the stage: every run and the base recorded the same student-keyed spec, and no held-out
+    # student has a training row
+    specs = []
+    for r in (dp, reference):
+        report = json.loads(
+            (studied["root"] / "runs" / f"{r['name']}_seed0" / "adapter" / "privacy_report.json").read_text()
+        )
+        specs.append(data.SplitSpec.from_json(report["split"]))
+    assert specs[0] == specs[1] and specs[0].user_column == "student_id"
+    cards, _ = data.clean_rows(
+        data.read_rows(str(studied["root"] / "students.jsonl")), user_column="student_id"
+    )
+    splits = {}
+    for card in cards:
+        splits.setdefault(card["student_id"], set()).add(data.assign_split(card, specs[0]))
+    assert all(len(s) == 1 for s in splits.values()) and any(s == {"test"} for s in splits.values())
+    base = next(r for r in results if r["name"] == "base_users")
+    assert (
+        base["stage"] == "base"
+        and base["test_nll"] != next(r for r in results if r["name"] == "base")["test_nll"]
+    )
+    # the users row's retention is against its own base and reference (one seed: the value itself)
+    row = next(r for r in utility_study.summarise(results) if r["name"] == "user_recipe_eps8")
+    if base["test_nll"] > reference["test_nll"]:
+        expected = (base["test_nll"] - dp["test_nll"]) / (base["test_nll"] - reference["test_nll"])
+        assert row["retention"][0] == pytest.approx(expected, rel=1e-12)  # budget: one division, reordered
+    else:
+        assert "retention" not in row
+    assert f"| users | user_recipe_eps8 | {dp['epsilon']:.2f} |" in (studied["root"] / "table.md").read_text()

@@ -34,12 +34,13 @@ def _yaml_list(items) -> str:
 
 
 def split_line(split: dict, record: PrivacyRecord) -> str:
+    column = split.get("user_column")  # the spec says how it split: by user at either privacy unit
     what, moved = (
-        (f"each user's split follows from a keyed hash of its `{record.user_column}` value", "user")
-        if record.user_column
+        (f"each user's split follows from a keyed hash of its `{column}` value", "user")
+        if column
         else ("each row's split follows from a keyed hash of its own content", "row")
     )
-    kept = "users" if record.user_column else "rows"
+    kept = "users" if column else "rows"
     return (
         f"{what} (seed {split.get('seed')}, validation\n  {split.get('validation_fraction')}, test "
         f"{split.get('test_fraction')}, training {kept} kept with probability\n  "
