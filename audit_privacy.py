@@ -6,7 +6,9 @@ What it does
 - With --canary_repeats R >= 2, also inserts --num_repeated_canaries more canaries R times each
   (the copies differ only by a note in the question, since exact duplicates are dropped).
 - Writes real rows + inserted canaries to OUT/audit_data.jsonl and trains on it by running
-  train_dp_lora.py in its own process (run in OUT/train) with the training arguments given after `--`;
+  train_dp_lora.py in its own process (run in OUT/train) with the training arguments given after `--`,
+  or with --num_processes N > 1 under `accelerate launch` on N processes (--accelerate_config), the way
+  multi-process runs are launched, so the audit covers the multi-process step as executed;
   --validation_fraction and --test_fraction are forced to 0 and --train_sample_fraction to 1 so every
   inserted canary is a training row (checked afterwards from the run's row count), and
   --num_real_rows K keeps the first K real rows.
@@ -59,6 +61,9 @@ Run
     python audit_privacy.py --output_dir outputs/audit_users --canary_rows_per_user 4 -- \\
         --model gemma3-270m --dataset data/flashcards_by_student.jsonl --privacy_unit user \\
         --user_column student_id --epsilon 8 --report_to none
+    python audit_privacy.py --output_dir outputs/audit_users_2proc --canary_rows_per_user 4 \\
+        --num_processes 2 --mixed_precision no -- --model gemma3-270m \\
+        --dataset data/flashcards_by_student.jsonl --privacy_unit user --user_column student_id --epsilon 8
     python audit_privacy.py --output_dir outputs/audit_nodp --canary_repeats 8 -- \\
         --model gemma3-270m --dataset bundled --disable_dp --num_train_epochs 5 --report_to none
 """
@@ -120,6 +125,20 @@ class AuditArguments:
     num_real_rows: int = field(
         default=0, metadata={"help": "use only the first K cleaned rows of the training --dataset (0 = all)"}
     )
+    num_processes: int = field(
+        default=1, metadata={"help": "train on N processes with accelerate launch (1: one python process)"}
+    )
+    accelerate_config: str = field(
+        default="configs/accelerate_multi_gpu.yaml",
+        metadata={"help": "accelerate config of the launch when --num_processes > 1"},
+    )
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "the launch's --mixed_precision when --num_processes > 1 (default: the config's)",
+            "choices": ["no", "bf16", "fp16"],
+        },
+    )
     canary_rows_per_user: int = field(
         default=1,
         metadata={
@@ -166,6 +185,10 @@ def validate_args(args) -> None:
         problems.append("--guess_fractions * --num_canaries must allow at least 2 guesses")
     if a.score_batch_size < 1:
         problems.append("--score_batch_size must be >= 1")
+    if a.num_processes < 1:
+        problems.append(f"--num_processes must be >= 1, got {a.num_processes}")
+    elif a.num_processes > 1 and not Path(a.accelerate_config).is_file():
+        problems.append(f"--accelerate_config {a.accelerate_config}: no such file")
     if a.canary_rows_per_user < 1:
         problems.append(f"--canary_rows_per_user must be >= 1, got {a.canary_rows_per_user}")
     elif a.canary_rows_per_user > 1 and not args.train.privacy.user_column:
@@ -446,6 +469,7 @@ def audit_result(
         "delta": delta,
         "threat_model": report.get("threat_model"),
         "dp_enabled": report["dp_enabled"],
+        "training_processes": report.get("world_size"),
         "lower_bound_exceeds_reported": reported is not None and bound["epsilon_lower_bound"] > reported,
         "confidence": a.confidence,
         "attack": roc_summary(scores, included),
@@ -503,7 +527,8 @@ def main(args) -> dict:
         + f", {len(cards)} real rows -> {data_path}; training in {run_dir}",
         flush=True,
     )
-    train_in_subprocess(args.train_argv + [x for key, value in forced.items() for x in (f"--{key}", value)])
+    train_argv = args.train_argv + [x for key, value in forced.items() for x in (f"--{key}", value)]
+    train_in_subprocess(launch_command(a) + train_argv)
     run = RunDir(run_dir)
     report, trained = read_json(run.public_report), read_json(run.data_summary_file)
     n_rows = len(cards) + sum(c["copies"] for c in canaries if c["included"])
@@ -567,11 +592,26 @@ def summary_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def train_in_subprocess(argv: list[str]) -> None:
-    """Run train_dp_lora.py in its own process (the command line wins over any --config)."""
+def launch_command(a: AuditArguments) -> list[str]:
+    """The command that runs train_dp_lora.py: python, or accelerate launch on --num_processes processes."""
+    if a.num_processes == 1:
+        return [sys.executable, str(TRAIN_SCRIPT)]
+    import socket
+
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", a.accelerate_config]
+    command += ["--num_processes", str(a.num_processes), "--main_process_port", str(port)]
+    command += ["--mixed_precision", a.mixed_precision] if a.mixed_precision else []
+    return command + [str(TRAIN_SCRIPT)]
+
+
+def train_in_subprocess(command: list[str]) -> None:
+    """Run the training command in its own process(es) (the command line wins over any --config)."""
     import subprocess
 
-    completed = subprocess.run([sys.executable, str(TRAIN_SCRIPT), *argv], stderr=subprocess.PIPE, text=True)
+    completed = subprocess.run(command, stderr=subprocess.PIPE, text=True)
     if completed.returncode != 0:
         lines = [line for line in completed.stderr.splitlines() if line.strip()]
         first_error = next(

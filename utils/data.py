@@ -217,8 +217,8 @@ class SplitSpec:
 
     With `user_column` (any run given --user_column) both hashes are of the card's user id instead, so
     all of a user's rows go to the same split and are kept or left out together: adding or removing one
-    user changes the training set by at most that user's rows, and one row by at most that row. Cards must then carry the column
-    (clean_rows(rows, user_column)).
+    user changes the training set by at most that user's rows, and one row by at most that row. Cards
+    must then carry the column (clean_rows(rows, user_column)).
     """
 
     seed: int
