@@ -408,10 +408,11 @@ def test_example_level_runs_keep_exactly_their_report_fields(train_run):
 
 
 @pytest.mark.numerics
-def test_two_processes_at_user_level_train_the_single_process_adapters_at_the_same_epsilon(
-    tiny_model_dir, tmp_path
+def test_two_processes_at_user_level_train_the_single_process_adapters_at_the_same_epsilon_and_serve(
+    tiny_model_dir, tmp_path, capsys
 ):
-    """Ranks split sampled users (never a user's rows), so 2 processes run the 1-process mechanism."""
+    """Ranks split sampled users (never a user's rows), so 2 processes run the 1-process mechanism; the
+    two-process adapters are then evaluated on held-out students only and answer through infer.py."""
     from test_distributed import accelerate_launch, finish, free_port, start
 
     run = ["--dataset", str(STUDENTS), *USER, "--logical_batch_size", "8", "--per_device_train_batch_size", "8",
@@ -443,3 +444,24 @@ def test_two_processes_at_user_level_train_the_single_process_adapters_at_the_sa
         v.abs().sum() > 0 for k, v in multi_w.items() if "lora_B" in k
     )  # the steps did move the adapters
     assert read(multi / "private_run_record" / "results.json")["replicas_identical"] is True
+
+    import evaluate_qa
+    import infer
+
+    evaluated = evaluate_qa.main(evaluate_qa.parse_args(
+        ["--adapters", str(multi), "--nll_only", "--split", "test", "--batch_size", "8", "--report_to", "none",
+         "--output_dir", str(tmp_path / "eval")]))  # fmt: skip
+    spec = data.SplitSpec.from_json(a["split"])
+    cards, _ = data.clean_rows(student_rows(), user_column="student_id")
+    held_out = {c["input"] for c in cards if data.assign_split(c, spec) == "test"}
+    predictions = (tmp_path / "eval" / evaluate_qa.PREDICTIONS_FILE).read_text().splitlines()
+    scored = {json.loads(line)["question"] for line in predictions}
+    assert scored == held_out  # every held-out student's cards, and no training student's
+    adapter = next(m for m in evaluated["models"] if m["kind"] == "adapter")
+    assert math.isfinite(adapter["metrics"]["nll"])
+    capsys.readouterr()
+    assert (
+        infer.cli_main(["--adapters", str(multi), "--question", "What causes gout?", "--max_new_tokens", "4"])
+        == 0
+    )
+    assert "one user" in capsys.readouterr().out  # the header names the user-level guarantee
