@@ -295,6 +295,9 @@ def load_metric():
     return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
 
 
+OVERLAP_METRICS = ("exact_match", "f1", "rougeL", "content_f1", "content_recall")
+
+
 def score_predictions(
     cards: list[dict], predictions: list[str] | None, nll: list[float] | None, metric
 ) -> tuple[dict, list[dict]]:
@@ -302,22 +305,19 @@ def score_predictions(
     and predictions None (--nll_only: nothing generated) reports NaN overlap metrics."""
     from utils.metrics import content_f1, content_recall
 
-    if predictions is None:
-        summary, rows = score_predictions(cards, [""] * len(cards), nll, metric)
-        for key in ("exact_match", "f1", "rougeL", "content_f1", "content_recall"):
-            summary[key] = math.nan
-        for row in rows:
-            row.update(prediction=None, em=math.nan, f1=math.nan, rougeL=math.nan)
-            row.update(content_f1=math.nan, content_recall=math.nan)
-        return summary, rows
-    scores = metric.compute(
-        predictions=predictions, references=[c["output"] for c in cards], per_example=True
-    )
-    per_example = dict(scores["per_example"])
-    per_example["content_f1"] = [content_f1(p, c["output"], c["input"]) for p, c in zip(predictions, cards)]
-    per_example["content_recall"] = [
-        content_recall(p, c["output"], c["input"]) for p, c in zip(predictions, cards)
-    ]
+    if predictions is None:  # nothing generated: every overlap metric is undefined, none computed
+        per_example = {name: [math.nan] * len(cards) for name in OVERLAP_METRICS}
+    else:
+        scores = metric.compute(
+            predictions=predictions, references=[c["output"] for c in cards], per_example=True
+        )
+        per_example = dict(scores["per_example"])
+        per_example["content_f1"] = [
+            content_f1(p, c["output"], c["input"]) for p, c in zip(predictions, cards)
+        ]
+        per_example["content_recall"] = [
+            content_recall(p, c["output"], c["input"]) for p, c in zip(predictions, cards)
+        ]
     nll = nll if nll is not None else [math.nan] * len(cards)
     summary = {name: sum(values) / len(values) for name, values in per_example.items()}
     summary["nll"] = sum(nll) / len(nll)
@@ -326,7 +326,7 @@ def score_predictions(
         {
             "question": c["input"],
             "reference": c["output"],
-            "prediction": p,
+            "prediction": None if predictions is None else predictions[i],
             "em": per_example["exact_match"][i],
             "f1": per_example["f1"][i],
             "rougeL": per_example["rougeL"][i],
@@ -334,7 +334,7 @@ def score_predictions(
             "content_recall": per_example["content_recall"][i],
             "nll": nll[i],
         }
-        for i, (c, p) in enumerate(zip(cards, predictions))
+        for i, c in enumerate(cards)
     ]
     return summary, rows
 

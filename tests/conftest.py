@@ -79,6 +79,25 @@ def assert_close_scaled(actual, expected, budget_ulps: float, *, eps: float, why
     return error
 
 
+def logical_step_grad(optimizer, params, physical_backwards):
+    """The flat p.grad a DP optimizer hands its inner optimizer for one logical batch whose physical batches
+    run the `physical_backwards` callables in order: exactly train_dp_lora's path, a skipped step after
+    every physical batch but the last."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    for i, backward in enumerate(physical_backwards):
+        backward()
+        if i < len(physical_backwards) - 1:
+            optimizer.signal_skip_step(do_skip=True)
+            optimizer.step()
+            optimizer.zero_grad()
+    optimizer.step()
+    grad = torch.cat([p.grad.reshape(-1) for p in params]).clone()
+    optimizer.zero_grad(set_to_none=True)
+    return grad
+
+
 def bundled_cards() -> list[dict]:
     return [json.loads(line) for line in BUNDLED.read_text(encoding="utf-8").splitlines() if line.strip()]
 

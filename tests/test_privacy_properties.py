@@ -16,7 +16,15 @@ import scipy.stats
 import torch
 
 import train_dp_lora
-from conftest import FP32_EPS, FP64_EPS, assert_close_scaled, bundled_cards, scaled_error, write_cards
+from conftest import (
+    FP32_EPS,
+    FP64_EPS,
+    assert_close_scaled,
+    bundled_cards,
+    logical_step_grad,
+    scaled_error,
+    write_cards,
+)
 from utils import privacy, recipe, train_args, training
 from utils.data import collate
 from utils.loss import per_example_loss
@@ -103,17 +111,8 @@ def dp_step_grad(
     )
     if accountant is not None:
         optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(batches):
-        per_example_loss(model, batch).sum().backward()
-        if i < len(batches) - 1:  # exactly train_dp_lora's physical-batch path
-            optimizer.signal_skip_step(do_skip=True)
-            optimizer.step()
-            optimizer.zero_grad()
-    optimizer.step()
-    grad = torch.cat([p.grad.reshape(-1) for p in params]).clone()
-    optimizer.zero_grad(set_to_none=True)
-    return grad
+    backwards = [lambda batch=batch: per_example_loss(model, batch).sum().backward() for batch in batches]
+    return logical_step_grad(optimizer, params, backwards)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_dp_lora
-from conftest import FP32_EPS, REPO, assert_close_scaled, bundled_cards, write_cards
+from conftest import FP32_EPS, REPO, assert_close_scaled, bundled_cards, logical_step_grad, write_cards
 from test_privacy_accounting import assert_honest, dp_accounting_event, independent_epsilons
 from test_privacy_properties import GRAD_ULPS_FP32, batch_of, examples, lora_model
 from utils import data, privacy, training
@@ -176,28 +176,16 @@ def user_step_grad(
     chosen = [privacy.choose_user_rows(users[u], k, 0, 0, keys[u]) for u in range(len(users))]
     batches = privacy.user_physical_batches(chosen, lengths, per_device)
     optimizer = privacy.make_dp_optimizer(torch.optim.SGD(params, lr=0.0), 0.0, max_grad_norm, 1)
-    optimizer.zero_grad(set_to_none=True)
-    for i, (rows, owners) in enumerate(batches):
+
+    def backward(rows, owners):
         user_of_row = torch.tensor(owners)
         counts = torch.bincount(user_of_row)
-        training.backward_examples(
-            model,
-            batch_of(tiny_tokenizer, [exs[r] for r in rows]),
-            params,
-            True,
-            1,
-            1.0 / counts[user_of_row].double(),
-        )
+        batch = batch_of(tiny_tokenizer, [exs[r] for r in rows])
+        training.backward_examples(model, batch, params, True, 1, 1.0 / counts[user_of_row].double())
         if aggregate:
             privacy.sum_grad_samples_by_user(params, user_of_row, len(counts))
-        if i < len(batches) - 1:
-            optimizer.signal_skip_step(do_skip=True)
-            optimizer.step()
-            optimizer.zero_grad()
-    optimizer.step()
-    grad = torch.cat([p.grad.reshape(-1) for p in params]).clone()
-    optimizer.zero_grad(set_to_none=True)
-    return grad
+
+    return logical_step_grad(optimizer, params, [lambda b=b: backward(*b) for b in batches])
 
 
 @pytest.fixture(scope="module")
