@@ -763,7 +763,10 @@ def finish(
     }
     accelerator.log({"eval/loss": eval_loss}, step=steps_taken)
     if accelerator.is_main_process:
-        save_checkpoint(run, trainer, steps_taken, record, identity, resolved, counters, rng_per_rank)
+        if not run.checkpoint(
+            steps_taken
+        ).is_dir():  # the loop's own save of this step stays, with its selection
+            save_checkpoint(run, trainer, steps_taken, record, identity, resolved, counters, rng_per_rank)
         atomic_directory(run.bundle, lambda tmp: write_bundle(tmp, trainer, record, resolved))
         write_json_atomic(run.results_file, results)
     accelerator.wait_for_everyone()  # every rank returns only once the outputs exist

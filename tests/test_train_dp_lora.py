@@ -569,3 +569,19 @@ def test_freeze_a_trains_b_only_and_saves_a_at_its_random_init(tiny_model_dir, t
     assert any(not torch.equal(trained[k], start[k]) for k in trained if ".lora_B." in k)  # B did
     b_count = sum(v.numel() for k, v in trained.items() if ".lora_B." in k)
     assert frozen["trainable_parameters"] == b_count < full["trainable_parameters"]
+
+
+def test_final_checkpoint_is_written_once_when_the_last_step_is_a_save_step(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    written, save = [], train_dp_lora.save_checkpoint
+
+    def counted(run, trainer, step, *rest):
+        written.append(step)
+        return save(run, trainer, step, *rest)
+
+    monkeypatch.setattr(train_dp_lora, "save_checkpoint", counted)
+    run(tiny_model_dir, tmp_path / "out", "--max_steps", "4", "--save_steps", "2")
+    assert written == [2, 4]
+    run(tiny_model_dir, tmp_path / "odd", "--max_steps", "3", "--save_steps", "2")
+    assert written[2:] == [2, 3]  # a last step off the save grid is still checkpointed by finish
