@@ -119,7 +119,8 @@ GRID = (
 
 
 def final_configs(results: list[dict]) -> list[Config]:
-    """--recipe auto at each final epsilon, and the best non-private sweep configuration; 3 seeds each."""
+    """--recipe auto at each final epsilon, the best private sweep configuration at the sweep's epsilon (a run
+    whose flags resolve to the recipe's is scored, not retrained), and the best non-private one; 3 seeds each."""
     configs = [
         Config(f"recipe_eps{eps:g}", {"recipe": "auto", "epsilon": eps}, "finals", seed)
         for eps in FINAL_EPSILONS
@@ -129,7 +130,9 @@ def final_configs(results: list[dict]) -> list[Config]:
     if best is None:
         raise StudyError("the finals need the sweep's non-private runs: run --stage sweep first")
     grid = {c.name: c for c in GRID}
-    configs += [dataclasses.replace(grid[best], stage="finals", seed=seed) for seed in FINAL_SEEDS]
+    best_dp = best_of(results, "dp")
+    for name in ([best_dp] if best_dp else []) + [best]:
+        configs += [dataclasses.replace(grid[name], stage="finals", seed=seed) for seed in FINAL_SEEDS]
     return configs
 
 
@@ -150,9 +153,14 @@ def user_configs(results: list[dict], s: "StudyArguments") -> list[Config]:
     return configs + [Config(f"user_{best}", flags, "users", seed) for seed in FINAL_SEEDS]
 
 
-def best_nonprivate(results: list[dict]) -> str | None:
-    sweep = [r for r in results if r["stage"] == "sweep" and r["kind"] == "nonprivate"]
+def best_of(results: list[dict], kind: str) -> str | None:
+    """The sweep configuration of `kind` (dp or nonprivate) with the lowest validation NLL."""
+    sweep = [r for r in results if r["stage"] == "sweep" and r["kind"] == kind]
     return min(sweep, key=lambda r: r["validation_nll"])["name"] if sweep else None
+
+
+def best_nonprivate(results: list[dict]) -> str | None:
+    return best_of(results, "nonprivate")
 
 
 class StudyError(cli.UserError):
@@ -451,14 +459,23 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     series = [
-        (stage, label, sorted((r for r in rows if r["stage"] == stage and r["kind"] == "dp"
-                               and r.get("retention")), key=lambda r: r["epsilon"]))
-        for stage, label in (("finals", "example unit (one row)"), ("users", "user unit (one student)"))
+        (label, sorted((r for r in rows if r["stage"] == stage and r["name"].startswith(prefix)
+                        and r.get("retention")), key=lambda r: r["epsilon"]))
+        for stage, prefix, label in (("finals", "recipe_", "--recipe auto, example unit (one row)"),
+                                     ("users", "user_recipe_", "--recipe auto, user unit (one student)"))
     ]  # fmt: skip
-    if not any(points for _, _, points in series):
+    series += [
+        (f"{r['name']}, example unit", [r])
+        for r in rows
+        if r["stage"] == "finals"
+        and r["kind"] == "dp"
+        and not r["name"].startswith("recipe_")
+        and r.get("retention")
+    ]
+    if not any(points for _, points in series):
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (_, label, points), marker in zip(series, ("o", "s")):
+    for (label, points), marker in zip(series, ("o", "s", "^", "v")):
         if points:
             ax.errorbar(
                 [r["epsilon"] for r in points],
@@ -466,7 +483,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 yerr=[100 * r["retention"][1] for r in points],
                 marker=marker,
                 capsize=4,
-                label=f"--recipe auto, {label} ({points[0]['seeds']} seeds)",
+                label=f"{label} ({points[0]['seeds']} seeds)",
             )
     ax.axhline(100, linestyle="--", color="tab:green", label="best non-private configuration")
     ax.axhline(0, linestyle="--", color="tab:grey", label="base model")

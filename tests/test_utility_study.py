@@ -79,8 +79,8 @@ def test_finals_run_the_recipe_and_the_best_nonprivate_configuration_over_seeds(
     best = min(("np_a", "np_b"), key=lambda name: sweep[name]["validation_nll"])
     finals = [r for r in results if r["stage"] == "finals"]
     assert sorted((r["name"], r["seed"]) for r in finals) == sorted(
-        [("recipe_eps8", 0), ("recipe_eps8", 1), (best, 0), (best, 1)]
-    )
+        [("recipe_eps8", 0), ("recipe_eps8", 1), ("dp_a", 0), ("dp_a", 1), (best, 0), (best, 1)]
+    )  # dp_a: the sweep's best (only) private configuration, over the seeds too
     assert all(math.isfinite(r["test_nll"]) for r in finals)
     # the best non-private seed 0 is the sweep's own run, scored on test, not trained again
     reused = next(r for r in finals if r["name"] == best and r["seed"] == 0)
