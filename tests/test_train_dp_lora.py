@@ -581,7 +581,10 @@ def test_final_checkpoint_is_written_once_when_the_last_step_is_a_save_step(
         return save(run, trainer, step, *rest)
 
     monkeypatch.setattr(train_dp_lora, "save_checkpoint", counted)
-    run(tiny_model_dir, tmp_path / "out", "--max_steps", "4", "--save_steps", "2")
-    assert written == [2, 4]
-    run(tiny_model_dir, tmp_path / "odd", "--max_steps", "3", "--save_steps", "2")
-    assert written[2:] == [2, 3]  # a last step off the save grid is still checkpointed by finish
+    run(tiny_model_dir, tmp_path / "on_grid", "--max_steps", "2", "--save_steps", "2")
+    assert written == [2]  # the loop's save, not a second one by finish
+    run(tiny_model_dir, tmp_path / "off_grid", "--max_steps", "1", "--save_steps", "2")
+    assert (
+        written == [2, 1]
+        and (tmp_path / "off_grid" / "private_run_record" / "checkpoints" / "step_000001").is_dir()
+    )
