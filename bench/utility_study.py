@@ -104,6 +104,11 @@ GRID = (
         lora_freeze_a=True,
     ),
     dp("dp_b32_lr1e-2", logical_batch_size=32, learning_rate=1e-2, max_grad_norm=1.0),
+    # clip norm: with AdamW, C scales the clipped signal and the noise sigma C alike; a small C clips every
+    # gradient (in effect normalised gradients, as jax_privacy's Gemma recipe does)
+    dp("dp_b32_lr5e-3_clip0.1", logical_batch_size=32, learning_rate=5e-3, max_grad_norm=0.1),
+    # batch and epochs together: 2 epochs at batch 64 is the same 9 steps at twice the batch per unit of noise
+    dp("dp_b64_lr5e-3_2ep", logical_batch_size=64, learning_rate=5e-3, max_grad_norm=1.0, num_train_epochs=2),
     # the trainable dimension: rank 1 on q_proj and v_proj holds 46k weights against rank 8 everywhere's 1.9M,
     # so the noise norm sigma C sqrt(d) is 6.4x smaller (alpha 2 keeps the scale alpha / r = 2)
     dp(

@@ -298,6 +298,20 @@ def test_user_level_report_card_and_guarantee_line_name_the_user(user_run):
     assert spec.user_column == "student_id"  # evaluate_qa recomputes held-out users from this
 
 
+def test_infer_answers_with_one_process_user_level_adapters_and_names_the_user_guarantee(user_run, capsys):
+    import infer
+
+    capsys.readouterr()
+    assert (
+        infer.cli_main(
+            ["--adapters", str(user_run), "--question", "What causes gout?", "--max_new_tokens", "4"]
+        )
+        == 0
+    )
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "one user" in header and "student_id" in header
+
+
 @pytest.mark.numerics
 def test_user_level_resume_continues_to_the_same_adapters_bitwise(
     user_run, train_run, tiny_model_dir, tmp_path
