@@ -103,7 +103,8 @@ class PrivacyArguments:
     user_column: str | None = field(
         default=None,
         metadata={
-            "help": "column of user ids; needed by --privacy_unit user; with example also reports group privacy"
+            "help": "column of user ids: the split holds out whole users; needed by --privacy_unit user; "
+            "with example also reports group privacy"
         },
     )
     max_examples_per_user: int = field(
