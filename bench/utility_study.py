@@ -503,8 +503,14 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def report_order(row: dict) -> int:
+    """Sweep, then each stage after its own base: the finals after `base`, the users stage after `base_users`."""
+    stage = {"base": "finals", "base_users": "users"}.get(row["name"], row["stage"])
+    return 2 * ("sweep", "finals", "users").index(stage) + (row["kind"] != "base")
+
+
 def write_report(s: StudyArguments) -> str:
-    rows = summarise(read_results(Path(s.results)))
+    rows = sorted(summarise(read_results(Path(s.results))), key=report_order)  # stable within a stage
     table = format_table(rows)
     Path(s.table).parent.mkdir(parents=True, exist_ok=True)
     Path(s.table).write_text(table, encoding="utf-8")

@@ -147,4 +147,10 @@ def test_users_stage_trains_user_level_dp_and_its_reference_on_one_split_that_ho
         assert row["retention"][0] == pytest.approx(expected, rel=1e-12)  # budget: one division, reordered
     else:
         assert "retention" not in row
-    assert f"| users | user_recipe_eps8 | {dp['epsilon']:.2f} |" in (studied["root"] / "table.md").read_text()
+    table = (studied["root"] / "table.md").read_text()
+    assert f"| users | user_recipe_eps8 | {dp['epsilon']:.2f} |" in table
+    # each stage's rows follow its own base: sweep, base, finals, base_users, users
+    positions = [table.index(f"| {stage} | {name} |") for stage, name in
+                 (("sweep", "np_a"), ("base", "base"), ("finals", "recipe_eps8"), ("base", "base_users"),
+                  ("users", "user_recipe_eps8"))]  # fmt: skip
+    assert positions == sorted(positions)

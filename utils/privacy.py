@@ -12,6 +12,7 @@ CSPRNG (os.urandom) instead of seeded PyTorch generators, whose state follows fr
 args.json (and whose CPU generator only uses 32 bits of any seed).
 """
 
+import functools
 import hashlib
 import math
 import os
@@ -69,6 +70,7 @@ def accountant_epsilon(accountant, delta: float) -> float:
         return accountant.get_epsilon(delta)
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its numbers; calibration and the guard ask again
 def epsilon_after(
     steps: int, noise_multiplier: float, sample_rate: float, delta: float, accountant: str
 ) -> float:

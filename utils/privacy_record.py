@@ -16,6 +16,7 @@ guarantee holds only against someone who does not know the seed.
 """
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -225,6 +226,11 @@ def dp_event(history) -> dict:
 
 def replace_one_epsilon(history, delta: float) -> float:
     """dp_accounting's PLD epsilon of the same mechanism for replace-one neighbours (N fixed and public)."""
+    return _replace_one_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+
+
+@functools.lru_cache(maxsize=256)  # a pure function of the history's numbers
+def _replace_one_epsilon(history: tuple, delta: float) -> float:
     import dp_accounting
     from dp_accounting import dp_event as events
     from dp_accounting.pld import PLDAccountant
