@@ -763,9 +763,8 @@ def finish(
     }
     accelerator.log({"eval/loss": eval_loss}, step=steps_taken)
     if accelerator.is_main_process:
-        if not run.checkpoint(
-            steps_taken
-        ).is_dir():  # the loop's own save of this step stays, with its selection
+        # a last step on the --save_steps grid was saved by the loop already, with its selection reason
+        if not run.checkpoint(steps_taken).is_dir():
             save_checkpoint(run, trainer, steps_taken, record, identity, resolved, counters, rng_per_rank)
         atomic_directory(run.bundle, lambda tmp: write_bundle(tmp, trainer, record, resolved))
         write_json_atomic(run.results_file, results)

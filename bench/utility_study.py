@@ -292,7 +292,7 @@ def trained_with(run_dir: Path, flags: dict) -> bool:
     Each parsed value is compared with the run's args.json; the levers left unset are compared with
     what the recipe gives at the run's N and epsilon (utils.recipe, as train_dp_lora.py fills them).
     """
-    from utils import cli as cli_module, recipe, train_args
+    from utils import recipe, train_args
 
     run = RunDir(run_dir)
     if not (run.results_file.is_file() and run.args_file.is_file()):
@@ -303,7 +303,7 @@ def trained_with(run_dir: Path, flags: dict) -> bool:
     if n is None:  # a user-level configuration, and a run that counted no users
         return False
     recipe.apply(parsed, n)
-    wanted, saved = cli_module.to_dict(parsed), read_json(run.args_file)
+    wanted, saved = cli.to_dict(parsed), read_json(run.args_file)
     return all(
         saved.get(group, {}).get(key) == value
         for group, values in wanted.items()
