@@ -243,6 +243,7 @@ def run_identity(args, data: Data, tokenizer, model) -> dict:
             }
         ),
         "lora": dataclasses.asdict(args.lora),
+        "optimizer": args.training.optimizer,  # its checkpointed state fits no other optimizer
         "seed": args.training.seed,
     }
 
@@ -268,7 +269,9 @@ class Trainer:
         self.params = [x for x in model.parameters() if x.requires_grad]
         if self.world > 1:
             distributed.broadcast_trainable_parameters(self.params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.optimizer = training.make_optimizer(
+            self.params, t.optimizer, t.learning_rate, t.weight_decay, t.momentum
+        )
         self.scheduler = training.make_schedule(self.optimizer, record.planned_steps, t.warmup_ratio)
         self.noise_generator, self.accountant = None, None
         if record.dp_enabled:

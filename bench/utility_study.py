@@ -10,12 +10,15 @@ Contract
 - Stage `finals`: `--recipe auto` at epsilon 3 and 8, and the sweep's best non-private configuration
   (lowest validation NLL), each with seeds 0, 1, 2; and the base model once. The test split's answer NLL
   is the reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
+- Stage `data` (the data lever): `--recipe auto` at the sweep's epsilon and the best non-private
+  configuration on DATA_FRACTION of the training split (about 3x the rows), seed 0 each, on the finals'
+  test cards; retention is against the base and this stage's own non-private run (the same N).
 - Stage `users` (user-level DP, issue #13), measured the same way on --user_dataset (the same cards, in
   students): `--recipe auto --privacy_unit user` at epsilon 3 and 8 and the best non-private configuration
   (example unit), seeds 0, 1, 2, and the base model, all with --user_column: the split hashes the student
   id (USER_SPLIT: 240 test cards of 29 students held out), and --train_sample_fraction keeps students.
   Its retention is against its own base and non-private reference on its own test split.
-- Validation NLL: the training run's final evaluation. Test NLL (finals only): evaluate_qa.py
+- Validation NLL: the training run's final evaluation. Test NLL (all but the sweep): evaluate_qa.py
   --nll_only. A finished run appends one JSON line to --results (name, seed, stage, flags, epsilon,
   steps, N, validation and test NLL, CPU seconds); a rerun skips every (stage, name, seed) already
   there, so the study can be stopped and continued at any point. A configuration whose flags (with the
@@ -29,6 +32,7 @@ Contract
 Run
     python bench/utility_study.py --stage sweep --jobs 2         # then:
     python bench/utility_study.py --stage finals --jobs 2
+    python bench/utility_study.py --stage data --jobs 2
     python bench/utility_study.py --stage users --jobs 2
     python bench/utility_study.py --report_only
 """
@@ -67,6 +71,8 @@ USER_COLUMN = "student_id"
 SWEEP_EPSILON = 8.0
 FINAL_EPSILONS = (3.0, 8.0)
 FINAL_SEEDS = (0, 1, 2)
+# stage data: the same test and validation cards, a larger share of the training split (about 930 rows)
+DATA_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,26 @@ GRID = (
     dp("dp_b32_lr5e-3_clip0.1", logical_batch_size=32, learning_rate=5e-3, max_grad_norm=0.1),
     # batch and epochs together: 2 epochs at batch 64 is the same 9 steps at twice the batch per unit of noise
     dp("dp_b64_lr5e-3_2ep", logical_batch_size=64, learning_rate=5e-3, max_grad_norm=1.0, num_train_epochs=2),
+    # on top of the best so far (A frozen): warmup (3 of the 9 steps; 5% of 9 rounds to none), and SGD with
+    # heavy-ball momentum 0.9 instead of AdamW; with noise of std sigma C / B ~ 0.02 per coordinate dominating
+    # the gradient (sigma 0.63 at epsilon 8), lr 5e-2 with momentum's build-up (about 4x over 9 steps) moves
+    # a weight about as far per step as AdamW at 5e-3
+    dp(
+        "dp_b32_lr5e-3_freeze_a_warmup0.3",
+        logical_batch_size=32,
+        learning_rate=5e-3,
+        max_grad_norm=1.0,
+        lora_freeze_a=True,
+        warmup_ratio=0.3,
+    ),
+    dp(
+        "dp_b32_sgd_lr5e-2_freeze_a",
+        logical_batch_size=32,
+        learning_rate=5e-2,
+        max_grad_norm=1.0,
+        lora_freeze_a=True,
+        optimizer="sgd",
+    ),
     # the trainable dimension: rank 1 on q_proj and v_proj holds 46k weights against rank 8 everywhere's 1.9M,
     # so the noise norm sigma C sqrt(d) is 6.4x smaller (alpha 2 keeps the scale alpha / r = 2)
     dp(
@@ -158,6 +184,24 @@ def user_configs(results: list[dict], s: "StudyArguments") -> list[Config]:
     return configs + [Config(f"user_{best}", flags, "users", seed) for seed in FINAL_SEEDS]
 
 
+def data_configs(results: list[dict]) -> list[Config]:
+    """The data lever: the recipe at the sweep's epsilon and the best non-private configuration on
+    DATA_FRACTION of the training split instead of --train_sample_fraction; one seed each (CPU)."""
+    best = best_nonprivate(results)
+    if best is None:
+        raise StudyError("the data stage needs the sweep's non-private runs: run --stage sweep first")
+    more = {"train_sample_fraction": DATA_FRACTION}
+    flags = {c.name: c.flags for c in GRID}[best] | more
+    return [
+        Config(
+            f"data{DATA_FRACTION:g}_recipe_eps{SWEEP_EPSILON:g}",
+            {"recipe": "auto", "epsilon": SWEEP_EPSILON} | more,
+            "data",
+        ),
+        Config(f"data{DATA_FRACTION:g}_{best}", flags, "data"),
+    ]
+
+
 def best_of(results: list[dict], kind: str) -> str | None:
     """The sweep configuration of `kind` (dp or nonprivate) with the lowest validation NLL."""
     sweep = [r for r in results if r["stage"] == "sweep" and r["kind"] == kind]
@@ -175,7 +219,7 @@ class StudyError(cli.UserError):
 @dataclass
 class StudyArguments:
     stage: str = field(
-        default="sweep", metadata={"help": "which runs", "choices": ["sweep", "finals", "users"]}
+        default="sweep", metadata={"help": "which runs", "choices": ["sweep", "finals", "data", "users"]}
     )
     model: str = field(default="gemma3-270m", metadata={"help": "base model of every run"})
     dataset: str = field(default="bundled", metadata={"help": "public flashcards every run trains on"})
@@ -279,8 +323,14 @@ def nll_of(run_dir: Path, split: str, base: bool = False) -> tuple[float, float]
 
 def run_flags(config: Config, s: StudyArguments) -> dict:
     """Every train_dp_lora.py flag of one run but --output_dir."""
-    flags = {**COMMON, **SPLIT, "model": s.model, "dataset": s.dataset, **config.flags, "seed": config.seed}
-    return dict(flags, train_sample_fraction=s.train_sample_fraction)
+    common = {
+        **COMMON,
+        **SPLIT,
+        "model": s.model,
+        "dataset": s.dataset,
+        "train_sample_fraction": s.train_sample_fraction,
+    }
+    return {**common, **config.flags, "seed": config.seed}
 
 
 IGNORED = ("output_dir", "overwrite_output_dir")
@@ -327,7 +377,7 @@ def train_and_score(config: Config, s: StudyArguments) -> dict:
     run = RunDir(run_dir)
     results, resolved = read_json(run.results_file), read_json(run.args_file)
     test_nll = None  # the sweep selects on validation only; the test split is scored for the finals
-    if config.stage in ("finals", "users"):
+    if config.stage in ("finals", "data", "users"):
         test_nll, cpu_test = nll_of(run_dir, "test")
         cpu += cpu_test
     # the training run's final evaluation is the validation split's answer NLL (the same function)
@@ -383,7 +433,12 @@ def mean_sd(values: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
-BASE_OF = {"sweep": "base", "finals": "base", "users": "base_users"}  # the base run on each stage's split
+BASE_OF = {
+    "sweep": "base",
+    "finals": "base",
+    "data": "base",
+    "users": "base_users",
+}  # the base run on each stage's split
 
 
 def summarise(results: list[dict]) -> list[dict]:
@@ -464,10 +519,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     series = [
-        (label, sorted((r for r in rows if r["stage"] == stage and r["name"].startswith(prefix)
-                        and r.get("retention")), key=lambda r: r["epsilon"]))
+        (label, sorted((r for r in rows if r["stage"] == stage and r["kind"] == "dp"
+                        and r["name"].startswith(prefix) and r.get("retention")), key=lambda r: r["epsilon"]))
         for stage, prefix, label in (("finals", "recipe_", "--recipe auto, example unit (one row)"),
-                                     ("users", "user_recipe_", "--recipe auto, user unit (one student)"))
+                                     ("users", "user_recipe_", "--recipe auto, user unit (one student)"),
+                                     ("data", "data", f"--recipe auto, example unit, training share {DATA_FRACTION:g}"))
     ]  # fmt: skip
     series += [
         (f"{r['name']}, example unit", [r])
@@ -480,7 +536,7 @@ def plot(rows: list[dict], path: Path) -> None:
     if not any(points for _, points in series):
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (label, points), marker in zip(series, ("o", "s", "^", "v")):
+    for (label, points), marker in zip(series, ("o", "s", "D", "^", "v")):
         if points:
             ax.errorbar(
                 [r["epsilon"] for r in points],
@@ -506,7 +562,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def report_order(row: dict) -> int:
     """Sweep, then each stage after its own base: the finals after `base`, the users stage after `base_users`."""
     stage = {"base": "finals", "base_users": "users"}.get(row["name"], row["stage"])
-    return 2 * ("sweep", "finals", "users").index(stage) + (row["kind"] != "base")
+    return 2 * ("sweep", "finals", "data", "users").index(stage) + (row["kind"] != "base")
 
 
 def write_report(s: StudyArguments) -> str:
@@ -534,6 +590,7 @@ def main(args) -> dict:
     configs = {
         "sweep": lambda: list(GRID),
         "finals": lambda: final_configs(finished_before),
+        "data": lambda: data_configs(finished_before),
         "users": lambda: user_configs(finished_before, s),
     }[s.stage]()
     unknown = sorted(set(s.configs) - {c.name for c in configs})

@@ -48,6 +48,42 @@ def dp_run(tiny_model_dir, tmp_path_factory):
     return out, results
 
 
+def test_sgd_with_momentum_trains_under_the_privacy_plan_of_adamw(dp_run, tiny_model_dir, tmp_path):
+    """The optimizer is post-processing of the noised gradient: it changes the update, never the plan."""
+    from utils.run_dir import RunDir
+
+    out, _ = dp_run
+    sgd_out = tmp_path / "sgd"
+    run(
+        tiny_model_dir,
+        sgd_out,
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--optimizer",
+        "sgd",
+        "--learning_rate",
+        "0.5",
+    )
+    adamw_report, sgd_report = (read(o / "adapter" / "privacy_report.json") for o in (out, sgd_out))
+    for key in (
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "sample_rate",
+        "steps_taken",
+        "max_grad_norm",
+        "accountant_history",
+    ):
+        assert sgd_report[key] == adamw_report[key], key
+    state = torch.load(RunDir(sgd_out).checkpoint(4) / "training_state.pt", weights_only=False)["optimizer"]
+    assert [g["momentum"] for g in state["param_groups"]] == [training.SGD_MOMENTUM]
+    assert state["state"] and all("momentum_buffer" in v for v in state["state"].values())
+    b_weights = [t for name, t in adapter_tensors(sgd_out / "adapter").items() if "lora_B" in name]
+    assert b_weights and any(t.abs().max() > 0 for t in b_weights)  # B starts at zero: SGD moved it
+
+
 def test_help_exits_zero_and_shows_every_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_dp_lora.parse_args(["--help"])
@@ -238,6 +274,7 @@ RESUME_CHANGES = {  # one change per key resume must refuse: the mechanism, the 
     "lora": ["--lora_r", "4"],
     "lora ": ["--lora_target_modules", "q_proj"],
     "seed": ["--seed", "7"],
+    "optimizer": ["--optimizer", "sgd"],
 }
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import FP32_EPS
 from utils import training
 from utils.loss import per_example_loss_from_logits
 from utils.prompt import IGNORE_INDEX
@@ -249,3 +250,17 @@ def test_lora_arguments_defaults_and_every_field_has_help():
     arguments = training.LoraArguments()
     assert (arguments.lora_r, arguments.lora_alpha, arguments.lora_dropout) == (8, 16, 0.05)
     assert all(f.metadata.get("help", "").strip() for f in dataclasses.fields(training.LoraArguments))
+
+
+def test_make_optimizer_is_adamw_or_sgd_whose_momentum_is_heavy_ball_at_0_9_when_unset():
+    assert isinstance(
+        training.make_optimizer([torch.nn.Parameter(torch.ones(1))], "adamw", 1e-3, 0.0, None),
+        torch.optim.AdamW,
+    )
+    weight = torch.nn.Parameter(torch.ones(3))
+    sgd = training.make_optimizer([weight], "sgd", 0.1, 0.0, None)
+    for _ in range(2):
+        weight.grad = torch.full((3,), 2.0)
+        sgd.step()
+    # v1 = g, v2 = 0.9 g + g: w = 1 - 0.1 * 2 - 0.1 * 3.8; float32 rounding of four operations on O(1) values
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.42), rtol=0, atol=4 * FP32_EPS)

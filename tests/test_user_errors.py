@@ -66,6 +66,19 @@ def test_delta_not_below_one_over_n(tiny_model_dir, cards, tmp_path, capsys):
     assert "--delta 0.5 must be in (0, 1/N)" in line and "training rows" in line
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--momentum", "0.5"], "--momentum applies to --optimizer sgd only, not adamw"),
+        (["--optimizer", "sgd", "--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    ],
+)
+def test_momentum_is_refused_without_sgd_and_outside_0_to_1(
+    tiny_model_dir, cards, tmp_path, capsys, flags, message
+):
+    assert message in train_fails(capsys, tiny_model_dir, cards, tmp_path / "out", *flags)
+
+
 def test_missing_dataset_file(tiny_model_dir, tmp_path, capsys):
     missing = tmp_path / "no_such_cards.jsonl"
     line = train_fails(capsys, tiny_model_dir, str(missing), tmp_path / "out")

@@ -56,6 +56,8 @@ def studied(tiny_model_dir, tmp_path_factory):
         monkeypatch.setattr(utility_study, "FINAL_SEEDS", (0,))
         monkeypatch.setattr(utility_study, "USER_SPLIT", dict(utility_study.USER_SPLIT, test_fraction=0.2))
         monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, max_steps=2))
+        monkeypatch.setattr(utility_study, "DATA_FRACTION", 0.5)  # the tiny study trains on all of its split
+        run("--stage", "data")
         run("--stage", "users", "--user_dataset", str(root / "students.jsonl"))
         yield {"root": root, "sweep": after_sweep, "rerun": rerun, "after_rerun": after_rerun, "all": lines()}
 
@@ -153,4 +155,29 @@ def test_users_stage_trains_user_level_dp_and_its_reference_on_one_split_that_ho
     positions = [table.index(f"| {stage} | {name} |") for stage, name in
                  (("sweep", "np_a"), ("base", "base"), ("finals", "recipe_eps8"), ("base", "base_users"),
                   ("users", "user_recipe_eps8"))]  # fmt: skip
+    assert positions == sorted(positions)
+
+
+def test_data_stage_trains_the_recipe_and_its_reference_on_its_own_share_against_the_shared_base(studied):
+    results = studied["all"]
+    best = min((r for r in results if r["stage"] == "sweep" and r["kind"] == "nonprivate"),
+               key=lambda r: r["validation_nll"])["name"]  # fmt: skip
+    rows = {r["name"]: r for r in results if r["stage"] == "data"}
+    assert sorted(rows) == sorted(["data0.5_recipe_eps8", f"data0.5_{best}"])
+    dp, reference = rows["data0.5_recipe_eps8"], rows[f"data0.5_{best}"]
+    finals_n = next(r for r in results if r["stage"] == "finals")["n_train"]  # --train_sample_fraction 1
+    for r in (dp, reference):
+        assert r["flags"]["train_sample_fraction"] == 0.5 and 0 < r["n_train"] < finals_n
+    assert dp["kind"] == "dp" and 0 < dp["epsilon"] <= 8.0 and dp["flags"]["recipe"] == "auto"
+    assert [r["name"] for r in results if r["kind"] == "base"] == ["base", "base_users"]  # no base of its own
+    base = next(r for r in results if r["name"] == "base")
+    row = next(r for r in utility_study.summarise(results) if r["name"] == "data0.5_recipe_eps8")
+    if base["test_nll"] > reference["test_nll"]:  # against the stage's own reference, not the finals'
+        expected = (base["test_nll"] - dp["test_nll"]) / (base["test_nll"] - reference["test_nll"])
+        assert row["retention"][0] == pytest.approx(expected, rel=1e-12)  # budget: one division, reordered
+    else:
+        assert "retention" not in row
+    table = (studied["root"] / "table.md").read_text()
+    positions = [table.index(f"| {stage} | {name} |") for stage, name in
+                 (("finals", "recipe_eps8"), ("data", "data0.5_recipe_eps8"), ("base", "base_users"))]  # fmt: skip
     assert positions == sorted(positions)

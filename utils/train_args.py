@@ -11,7 +11,7 @@ from utils import cli, privacy
 from utils.data import HUB_DATASET
 from utils.model_loading import DEFAULT_MODEL
 from utils.recipe import RECIPES
-from utils.training import DTYPES, LoraArguments
+from utils.training import DTYPES, OPTIMIZERS, LoraArguments
 
 DESCRIPTION = (
     "Fine-tune a Gemma-family causal LM (VaultGemma by default) on medical flashcards with LoRA "
@@ -156,9 +156,19 @@ class TrainingArguments:
         default=0, metadata={"help": "if > 0, the planned number of steps (overrides epochs)"}
     )
     learning_rate: float | None = field(
-        default=None, metadata={"help": "AdamW peak learning rate; unset: the recipe chooses"}
+        default=None, metadata={"help": "peak learning rate; unset: the recipe chooses"}
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "the update the DP gradient feeds (the privacy step is the same)",
+            "choices": list(OPTIMIZERS),
+        },
+    )
+    momentum: float | None = field(
+        default=None, metadata={"help": "SGD heavy-ball momentum (--optimizer sgd only); unset: 0.9"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
     warmup_ratio: float = field(
         default=0.05, metadata={"help": "share of steps with linear warmup before the cosine decay"}
     )
@@ -251,6 +261,10 @@ def validate_args(args) -> None:
         problems.append("set --num_train_epochs > 0 or --max_steps > 0")
     if t.learning_rate is not None and t.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0, got {t.learning_rate}")
+    if t.momentum is not None and t.optimizer != "sgd":
+        problems.append(f"--momentum applies to --optimizer sgd only, not {t.optimizer}")
+    elif t.momentum is not None and not 0 <= t.momentum < 1:
+        problems.append(f"--momentum must be in [0, 1), got {t.momentum}")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"--warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.eval_steps < 0 or t.save_steps < 0:

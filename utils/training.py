@@ -14,6 +14,7 @@ from utils.loss import per_example_loss
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("adamw", "sgd")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -159,6 +160,17 @@ def restore_rng_state(state: dict, noise_generator: torch.Generator | None) -> N
         torch.cuda.set_rng_state_all(state["cuda"])
     if noise_generator is not None and "noise_generator" in state:
         noise_generator.set_state(state["noise_generator"])
+
+
+SGD_MOMENTUM = 0.9
+
+
+def make_optimizer(params, name: str, learning_rate: float, weight_decay: float, momentum: float | None):
+    """The LoRA-only optimizer the DP optimizer wraps: AdamW, or SGD with heavy-ball momentum (unset: 0.9)."""
+    if name == "sgd":
+        momentum = SGD_MOMENTUM if momentum is None else momentum
+        return torch.optim.SGD(params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
 
 
 def make_schedule(optimizer, total_steps: int, warmup_ratio: float):
