@@ -7,17 +7,19 @@ Contract
   spends no privacy of anyone's private data.
 - Stage `sweep` (GRID below): each configuration trains once (seed 0), at epsilon 8 for the private
   ones; selection is by the validation split's answer NLL (teacher forcing), never by the test split.
-- Stage `finals`: `--recipe auto` at epsilon 3 and 8, and the sweep's best non-private configuration
-  (lowest validation NLL), each with seeds 0, 1, 2; and the base model once. The test split's answer NLL
-  is the reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
+- Stage `finals`: `--recipe auto` and the first auto recipe (FIRST_RECIPE) at epsilon 3 and 8, the
+  sweep's best private configuration at its epsilon and its best non-private configuration (lowest
+  validation NLL), each with seeds 0, 1, 2; and the base model once. The test split's answer NLL is the
+  reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
 - Stage `data` (the data lever): `--recipe auto` at the sweep's epsilon and the best non-private
   configuration on DATA_FRACTION of the training split (about 3x the rows), seed 0 each, on the finals'
   test cards; retention is against the base and this stage's own non-private run (the same N).
 - Stage `users` (user-level DP, issue #13), measured the same way on --user_dataset (the same cards, in
-  students): `--recipe auto --privacy_unit user` at epsilon 3 and 8 and the best non-private configuration
-  (example unit), seeds 0, 1, 2, and the base model, all with --user_column: the split hashes the student
-  id (USER_SPLIT: 240 test cards of 29 students held out), and --train_sample_fraction keeps students.
-  Its retention is against its own base and non-private reference on its own test split.
+  students): `--privacy_unit user` with `--recipe auto` and with the first auto recipe at epsilon 3 and 8,
+  and the best non-private configuration (example unit), seeds 0, 1, 2, and the base model, all with
+  --user_column: the split hashes the student id (USER_SPLIT: 240 test cards of 29 students held out),
+  and --train_sample_fraction keeps students. Its retention is against its own base and non-private
+  reference on its own test split.
 - Validation NLL: the training run's final evaluation. Test NLL (all but the sweep): evaluate_qa.py
   --nll_only. A finished run appends one JSON line to --results (name, seed, stage, flags, epsilon,
   steps, N, validation and test NLL, CPU seconds); a rerun skips every (stage, name, seed) already
@@ -71,6 +73,16 @@ USER_COLUMN = "student_id"
 SWEEP_EPSILON = 8.0
 FINAL_EPSILONS = (3.0, 8.0)
 FINAL_SEEDS = (0, 1, 2)
+# The first auto recipe (batch 2 sqrt(N), one epoch, lr 5e-3, C = 1, A trained) at the finals' N = 278 rows
+# and the users stage's N = 43 students: the finals and the users stage measure it beside today's recipe
+FIRST_RECIPE = {
+    "logical_batch_size": 32,
+    "num_train_epochs": 1,
+    "learning_rate": 5e-3,
+    "max_grad_norm": 1.0,
+    "lora_freeze_a": False,
+}
+FIRST_USER_RECIPE = dict(FIRST_RECIPE, logical_batch_size=16)
 # stage data: the same test and validation cards, a larger share of the training split (about 930 rows)
 DATA_FRACTION = 0.5
 
@@ -97,11 +109,14 @@ def nonprivate(name, **flags) -> Config:
 
 # The levers of issue #14 at the cost this CPU allows (about 0.4 training rows per CPU-second): one epoch each.
 # At N ~ 270 training rows, batch 16 is about sqrt(N) (dp-transformers' advice) and 32 about 2 sqrt(N).
+# Every private entry names --lora_freeze_a: the recipe freezes A when it is unset, and each entry must train
+# what it trained when it ran.
 GRID = (
     nonprivate("nonprivate_b16_lr2e-3", logical_batch_size=16, learning_rate=2e-3),
     nonprivate("nonprivate_b16_lr5e-3", logical_batch_size=16, learning_rate=5e-3),
-    dp("dp_b16_lr2e-3", logical_batch_size=16, learning_rate=2e-3, max_grad_norm=1.0),  # the first version's
-    dp("dp_b32_lr5e-3", logical_batch_size=32, learning_rate=5e-3, max_grad_norm=1.0),
+    # the first version's
+    dp("dp_b16_lr2e-3", logical_batch_size=16, learning_rate=2e-3, max_grad_norm=1.0, lora_freeze_a=False),
+    dp("dp_b32_lr5e-3", logical_batch_size=32, learning_rate=5e-3, max_grad_norm=1.0, lora_freeze_a=False),
     dp(
         "dp_b32_lr5e-3_freeze_a",
         logical_batch_size=32,
@@ -109,12 +124,25 @@ GRID = (
         max_grad_norm=1.0,
         lora_freeze_a=True,
     ),
-    dp("dp_b32_lr1e-2", logical_batch_size=32, learning_rate=1e-2, max_grad_norm=1.0),
+    dp("dp_b32_lr1e-2", logical_batch_size=32, learning_rate=1e-2, max_grad_norm=1.0, lora_freeze_a=False),
     # clip norm: with AdamW, C scales the clipped signal and the noise sigma C alike; a small C clips every
     # gradient (in effect normalised gradients, as jax_privacy's Gemma recipe does)
-    dp("dp_b32_lr5e-3_clip0.1", logical_batch_size=32, learning_rate=5e-3, max_grad_norm=0.1),
+    dp(
+        "dp_b32_lr5e-3_clip0.1",
+        logical_batch_size=32,
+        learning_rate=5e-3,
+        max_grad_norm=0.1,
+        lora_freeze_a=False,
+    ),
     # batch and epochs together: 2 epochs at batch 64 is the same 9 steps at twice the batch per unit of noise
-    dp("dp_b64_lr5e-3_2ep", logical_batch_size=64, learning_rate=5e-3, max_grad_norm=1.0, num_train_epochs=2),
+    dp(
+        "dp_b64_lr5e-3_2ep",
+        logical_batch_size=64,
+        learning_rate=5e-3,
+        max_grad_norm=1.0,
+        num_train_epochs=2,
+        lora_freeze_a=False,
+    ),
     # on top of the best so far (A frozen): warmup (3 of the 9 steps; 5% of 9 rounds to none), and SGD with
     # heavy-ball momentum 0.9 instead of AdamW; with noise of std sigma C / B ~ 0.02 per coordinate dominating
     # the gradient (sigma 0.63 at epsilon 8), lr 5e-2 with momentum's build-up (about 4x over 9 steps) moves
@@ -135,6 +163,15 @@ GRID = (
         lora_freeze_a=True,
         optimizer="sgd",
     ),
+    # the two best levers together: batch 64 over 2 epochs with A frozen
+    dp(
+        "dp_b64_lr5e-3_2ep_freeze_a",
+        logical_batch_size=64,
+        learning_rate=5e-3,
+        max_grad_norm=1.0,
+        num_train_epochs=2,
+        lora_freeze_a=True,
+    ),
     # the trainable dimension: rank 1 on q_proj and v_proj holds 46k weights against rank 8 everywhere's 1.9M,
     # so the noise norm sigma C sqrt(d) is 6.4x smaller (alpha 2 keeps the scale alpha / r = 2)
     dp(
@@ -144,16 +181,19 @@ GRID = (
         max_grad_norm=1.0,
         lora_r=1,
         lora_alpha=2,
+        lora_freeze_a=False,
         lora_target_modules=["q_proj", "v_proj"],
     ),
 )
 
 
 def final_configs(results: list[dict]) -> list[Config]:
-    """--recipe auto at each final epsilon, the best private sweep configuration at the sweep's epsilon (a run
-    whose flags resolve to the recipe's is scored, not retrained), and the best non-private one; 3 seeds each."""
+    """--recipe auto and the first auto recipe at each final epsilon, the best private sweep configuration at
+    the sweep's epsilon (a run whose flags resolve to the recipe's is scored, not retrained), and the best
+    non-private one; 3 seeds each."""
     configs = [
-        Config(f"recipe_eps{eps:g}", {"recipe": "auto", "epsilon": eps}, "finals", seed)
+        Config(f"{name}_eps{eps:g}", flags | {"epsilon": eps}, "finals", seed)
+        for name, flags in (("recipe", {"recipe": "auto"}), ("first_recipe", FIRST_RECIPE))
         for eps in FINAL_EPSILONS
         for seed in FINAL_SEEDS
     ]
@@ -168,18 +208,19 @@ def final_configs(results: list[dict]) -> list[Config]:
 
 
 def user_configs(results: list[dict], s: "StudyArguments") -> list[Config]:
-    """The finals' configurations at user level on --user_dataset: the recipe per epsilon over users, and
-    the best non-private configuration over rows, both splitting by student."""
+    """The finals' configurations at user level on --user_dataset: the recipe and the first auto recipe per
+    epsilon over users, and the best non-private configuration over rows, all splitting by student."""
     best = best_nonprivate(results)
     if best is None:
         raise StudyError("the users stage needs the sweep's non-private runs: run --stage sweep first")
     on_users = dict(USER_SPLIT, dataset=s.user_dataset, user_column=USER_COLUMN)
+    user_unit = {"privacy_unit": "user"} | on_users
     configs = [
-        Config(f"user_recipe_eps{eps:g}", {"recipe": "auto", "epsilon": eps, "privacy_unit": "user"} | on_users,
-               "users", seed)
+        Config(f"user_{name}_eps{eps:g}", user_unit | flags | {"epsilon": eps}, "users", seed)
+        for name, flags in (("recipe", {"recipe": "auto"}), ("first_recipe", FIRST_USER_RECIPE))
         for eps in FINAL_EPSILONS
         for seed in FINAL_SEEDS
-    ]  # fmt: skip
+    ]
     flags = {c.name: c.flags for c in GRID}[best] | on_users
     return configs + [Config(f"user_{best}", flags, "users", seed) for seed in FINAL_SEEDS]
 
@@ -373,7 +414,9 @@ def train_and_score(config: Config, s: StudyArguments) -> dict:
         run_dir, cpu = same[0], 0.0  # its training CPU is not counted again
     else:
         argv = flag_list(dict(flags, output_dir=str(run_dir), overwrite_output_dir=True))
-        cpu = ChildCPU.run([sys.executable, "train_dp_lora.py", *argv], run_dir.with_suffix(".log"))
+        cpu = ChildCPU.run(
+            [sys.executable, "train_dp_lora.py", *argv], run_dir.parent / f"{run_dir.name}.log"
+        )  # a name may hold a dot
     run = RunDir(run_dir)
     results, resolved = read_json(run.results_file), read_json(run.args_file)
     test_nll = None  # the sweep selects on validation only; the test split is scored for the finals
@@ -521,8 +564,10 @@ def plot(rows: list[dict], path: Path) -> None:
     series = [
         (label, sorted((r for r in rows if r["stage"] == stage and r["kind"] == "dp"
                         and r["name"].startswith(prefix) and r.get("retention")), key=lambda r: r["epsilon"]))
-        for stage, prefix, label in (("finals", "recipe_", "--recipe auto, example unit (one row)"),
-                                     ("users", "user_recipe_", "--recipe auto, user unit (one student)"),
+        for stage, prefix, label in (("finals", "recipe_eps", "--recipe auto, example unit (one row)"),
+                                     ("finals", "first_recipe_eps", "first auto recipe, example unit"),
+                                     ("users", "user_recipe_eps", "--recipe auto, user unit (one student)"),
+                                     ("users", "user_first_recipe_eps", "first auto recipe, user unit"),
                                      ("data", "data", f"--recipe auto, example unit, training share {DATA_FRACTION:g}"))
     ]  # fmt: skip
     series += [
@@ -536,7 +581,7 @@ def plot(rows: list[dict], path: Path) -> None:
     if not any(points for _, points in series):
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (label, points), marker in zip(series, ("o", "s", "D", "^", "v")):
+    for (label, points), marker in zip(series, ("o", "x", "s", "D", "^", "v", "P")):
         if points:
             ax.errorbar(
                 [r["epsilon"] for r in points],

@@ -24,12 +24,25 @@ def test_auto_batch_is_a_power_of_two_in_bounds_that_grows_with_n_and_keeps_q_be
 
 
 def test_explicit_levers_always_win_over_either_recipe():
-    given = {"logical_batch_size": 48, "num_train_epochs": 2.5, "learning_rate": 1e-4, "max_grad_norm": 0.1}
+    given = {
+        "logical_batch_size": 48,
+        "num_train_epochs": 2.5,
+        "learning_rate": 1e-4,
+        "max_grad_norm": 0.1,
+        "lora_freeze_a": False,
+    }
     for name in recipe.RECIPES:
         assert recipe.resolve(name, given, 1000, 3.0) == given
         partly = recipe.resolve(name, dict(UNSET, learning_rate=7e-4), 1000, 3.0)
         assert partly["learning_rate"] == 7e-4
         assert partly["logical_batch_size"] == recipe.resolve(name, UNSET, 1000, 3.0)["logical_batch_size"]
+
+
+def test_auto_dp_batch_is_the_power_of_two_nearest_4_sqrt_n_within_bounds_over_2_epochs():
+    # the study's best noise-batch ratio (batch 64 over 2 epochs at N = 278), and the README's scaling rows
+    for n, batch in ((278, 64), (1853, 128), (30500, 512), (10**6, recipe.MAX_BATCH)):
+        levers = recipe.resolve("auto", UNSET, n, 8.0)
+        assert (levers["logical_batch_size"], levers["num_train_epochs"]) == (batch, 2.0), n
 
 
 def test_fixed_recipe_is_the_first_versions_constants():
@@ -43,6 +56,16 @@ def test_private_runs_take_larger_batches_than_non_private_ones_at_scale():
             recipe.resolve("auto", UNSET, n, 8.0)["logical_batch_size"]
             > recipe.resolve("auto", UNSET, n, None)["logical_batch_size"]
         )
+
+
+def test_auto_freezes_lora_a_under_dp_only_and_an_explicit_false_trains_it():
+    # frozen A halves the noised dimension; without noise there is nothing to halve
+    for n in (278, 33955):
+        assert recipe.resolve("auto", UNSET, n, 3.0)["lora_freeze_a"] is True
+        assert recipe.resolve("auto", UNSET, n, None)["lora_freeze_a"] is False
+        assert recipe.resolve("auto", dict(UNSET, lora_freeze_a=False), n, 3.0)["lora_freeze_a"] is False
+    args = train_dp_lora.parse_args(["--lora_freeze_a", "false"])
+    assert "lora_freeze_a false (given)" in recipe.apply(args, 1000) and args.lora.lora_freeze_a is False
 
 
 def test_describe_marks_the_given_levers():
@@ -68,6 +91,7 @@ def test_a_run_without_lever_flags_trains_with_the_recipe_and_records_it(tiny_mo
     assert args["training"]["logical_batch_size"] == expected["logical_batch_size"]
     assert args["training"]["learning_rate"] == expected["learning_rate"]
     assert args["privacy"]["max_grad_norm"] == expected["max_grad_norm"]
+    assert args["lora"]["lora_freeze_a"] is expected["lora_freeze_a"] is True
     report = json.loads((out / "adapter" / "privacy_report.json").read_text())
     assert report["expected_batch_size"] == expected["logical_batch_size"]
     assert report["sample_rate"] == expected["logical_batch_size"] / n

@@ -596,7 +596,7 @@ def test_freeze_a_trains_b_only_and_saves_a_at_its_random_init(tiny_model_dir, t
         tiny_model_dir, tmp_path / "frozen", "--max_steps", "2", "--lora_freeze_a", "--learning_rate", "0.05"
     )
     run(tiny_model_dir, tmp_path / "init", "--max_steps", "1", "--lora_freeze_a", "--learning_rate", "1e-12")
-    full = run(tiny_model_dir, tmp_path / "full", "--max_steps", "1")
+    full = run(tiny_model_dir, tmp_path / "full", "--max_steps", "1", "--lora_freeze_a", "false")  # A trained
     trained, start = (
         adapter_tensors(tmp_path / "frozen" / "adapter"),
         adapter_tensors(tmp_path / "init" / "adapter"),

@@ -3,6 +3,7 @@ selects on validation, and reports retention against the best non-private run (n
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -81,8 +82,13 @@ def test_finals_run_the_recipe_and_the_best_nonprivate_configuration_over_seeds(
     best = min(("np_a", "np_b"), key=lambda name: sweep[name]["validation_nll"])
     finals = [r for r in results if r["stage"] == "finals"]
     assert sorted((r["name"], r["seed"]) for r in finals) == sorted(
-        [("recipe_eps8", 0), ("recipe_eps8", 1), ("dp_a", 0), ("dp_a", 1), (best, 0), (best, 1)]
+        [("recipe_eps8", 0), ("recipe_eps8", 1), ("first_recipe_eps8", 0), ("first_recipe_eps8", 1)]
+        + [("dp_a", 0), ("dp_a", 1), (best, 0), (best, 1)]
     )  # dp_a: the sweep's best (only) private configuration, over the seeds too
+    for name, frozen in (("first_recipe_eps8", False), ("recipe_eps8", True)):
+        for r in (r for r in finals if r["name"] == name):
+            args = json.loads((Path(r["run_dir"]) / "private_run_record" / "args.json").read_text())
+            assert args["lora"]["lora_freeze_a"] is frozen, (name, r["seed"])
     assert all(math.isfinite(r["test_nll"]) for r in finals)
     # the best non-private seed 0 is the sweep's own run, scored on test, not trained again
     reused = next(r for r in finals if r["name"] == best and r["seed"] == 0)
@@ -117,7 +123,8 @@ def test_users_stage_trains_user_level_dp_and_its_reference_on_one_split_that_ho
     users = {r["name"]: r for r in results if r["stage"] == "users"}
     best = min((r for r in results if r["stage"] == "sweep" and r["kind"] == "nonprivate"),
                key=lambda r: r["validation_nll"])["name"]  # fmt: skip
-    assert sorted(users) == sorted(["user_recipe_eps8", f"user_{best}"])
+    assert sorted(users) == sorted(["user_recipe_eps8", "user_first_recipe_eps8", f"user_{best}"])
+    assert users["user_first_recipe_eps8"]["flags"]["lora_freeze_a"] is False
     dp, reference = users["user_recipe_eps8"], users[f"user_{best}"]
     assert dp["flags"]["privacy_unit"] == "user" and 0 < dp["epsilon"] <= 8.0 and dp["n_users"] > 16
     assert reference["kind"] == "nonprivate" and reference["n_users"] is None  # rows, at the example unit

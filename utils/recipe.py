@@ -1,7 +1,7 @@
 """The training recipe: the four levers a run leaves unset, chosen from N and epsilon (pure, cheap).
 
-`--recipe auto` (the default) fills each of --logical_batch_size, --num_train_epochs, --learning_rate
-and --max_grad_norm that the command line leaves unset; a value given explicitly always wins. `--recipe
+`--recipe auto` (the default) fills each of --logical_batch_size, --num_train_epochs, --learning_rate,
+--max_grad_norm and --lora_freeze_a that the command line leaves unset; a value given explicitly always wins. `--recipe
 fixed` fills them with the first version's constants instead. N is the number of training units (rows,
 or users with --privacy_unit user); it is public here as it is for the accountant, whose sample rate
 q = logical batch / N the release bundle already states. The rule was chosen on the bundled, public
@@ -11,8 +11,14 @@ Tuning it again on private data would, and no epsilon this project prints covers
 
 import math
 
-LEVERS = ("logical_batch_size", "num_train_epochs", "learning_rate", "max_grad_norm")
-FIXED = {"logical_batch_size": 64, "num_train_epochs": 1.0, "learning_rate": 2e-3, "max_grad_norm": 1.0}
+LEVERS = ("logical_batch_size", "num_train_epochs", "learning_rate", "max_grad_norm", "lora_freeze_a")
+FIXED = {
+    "logical_batch_size": 64,
+    "num_train_epochs": 1.0,
+    "learning_rate": 2e-3,
+    "max_grad_norm": 1.0,
+    "lora_freeze_a": False,
+}
 RECIPES = ("auto", "fixed")
 
 MIN_BATCH, MAX_BATCH = 16, 1024
@@ -30,9 +36,19 @@ def auto_levers(n: int, epsilon: float | None) -> dict:
             "num_train_epochs": 1.0,
             "learning_rate": 2e-3,
             "max_grad_norm": 1.0,
+            "lora_freeze_a": False,
         }
-    batch = min(MAX_BATCH, max(MIN_BATCH, power_of_two_near(2 * math.sqrt(n))))
-    return {"logical_batch_size": batch, "num_train_epochs": 1.0, "learning_rate": 5e-3, "max_grad_norm": 1.0}
+    # the noise-batch ratio: batch ~ 4 sqrt(N) over 2 epochs is sqrt(N) / 2 steps, each averaging the noise
+    # over twice the rows that 2 sqrt(N) over one epoch would; A frozen at its random init halves the noised
+    # dimension and keeps the function class B spans
+    batch = min(MAX_BATCH, max(MIN_BATCH, power_of_two_near(4 * math.sqrt(n))))
+    return {
+        "logical_batch_size": batch,
+        "num_train_epochs": 2.0,
+        "learning_rate": 5e-3,
+        "max_grad_norm": 1.0,
+        "lora_freeze_a": True,
+    }
 
 
 def batch_below(n: int, batch: int) -> int:
@@ -52,8 +68,13 @@ def resolve(recipe: str, given: dict, n: int, epsilon: float | None) -> dict:
 
 def describe(recipe: str, given: dict, resolved: dict) -> str:
     """One line: which levers the recipe chose and which the command line set."""
+
+    def shown(value) -> str:
+        return str(value).lower() if isinstance(value, bool) else f"{value:g}"
+
     parts = [
-        f"{lever} {resolved[lever]:g}" + ("" if given.get(lever) is None else " (given)") for lever in LEVERS
+        f"{lever} {shown(resolved[lever])}" + ("" if given.get(lever) is None else " (given)")
+        for lever in LEVERS
     ]
     return f"recipe {recipe}: " + ", ".join(parts)
 
@@ -61,7 +82,13 @@ def describe(recipe: str, given: dict, resolved: dict) -> str:
 def apply(args, n: int) -> str:
     """Fill the unset levers of parsed train_dp_lora.py arguments in place; the line to print."""
     p, t = args.privacy, args.training
-    owners = {"max_grad_norm": p, "logical_batch_size": t, "num_train_epochs": t, "learning_rate": t}
+    owners = {
+        "max_grad_norm": p,
+        "logical_batch_size": t,
+        "num_train_epochs": t,
+        "learning_rate": t,
+        "lora_freeze_a": args.lora,
+    }
     given = {lever: getattr(owner, lever) for lever, owner in owners.items()}
     resolved = resolve(t.recipe, given, n, None if p.disable_dp else p.epsilon)
     for lever, owner in owners.items():

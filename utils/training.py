@@ -26,10 +26,11 @@ class LoraArguments:
     lora_target_modules: list[str] = field(
         default_factory=lambda: list(LORA_TARGETS), metadata={"help": "module names that get adapters"}
     )
-    lora_freeze_a: bool = field(
-        default=False,
+    lora_freeze_a: bool | None = field(
+        default=None,
         metadata={
-            "help": "train B only; A stays at its random init (about half the weights: a smaller noise norm)"
+            "help": "train B only; A stays at its random init (about half the weights: a smaller noise norm); "
+            "unset: the recipe chooses"
         },
     )
 
