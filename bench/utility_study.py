@@ -8,9 +8,9 @@ Contract
 - Stage `sweep` (GRID below): each configuration trains once (seed 0), at epsilon 8 for the private
   ones; selection is by the validation split's answer NLL (teacher forcing), never by the test split.
 - Stage `finals`: `--recipe auto` and the first auto recipe (FIRST_RECIPE) at epsilon 3 and 8, the
-  sweep's best private configuration at its epsilon and its best non-private configuration (lowest
-  validation NLL), each with seeds 0, 1, 2; and the base model once. The test split's answer NLL is the
-  reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
+  sweep's best private configuration and the FINALISTS at its epsilon, and its best non-private
+  configuration (lowest validation NLL), each with seeds 0, 1, 2; and the base model once. The test
+  split's answer NLL is the reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
 - Stage `data` (the data lever): `--recipe auto` at the sweep's epsilon and the best non-private
   configuration on DATA_FRACTION of the training split (about 3x the rows), seed 0 each, on the finals'
   test cards; retention is against the base and this stage's own non-private run (the same N).
@@ -62,7 +62,6 @@ SPLIT = {"test_fraction": 0.1, "validation_fraction": 0.05, "split_seed": 0}
 COMMON = {
     "max_seq_length": 320,  # the longest bundled card (295 tokens) fits: none skipped
     "per_device_train_batch_size": 16,
-    "num_train_epochs": 1,
     "eval_steps": 0,
     "save_steps": 0,
     "report_to": "none",
@@ -75,14 +74,12 @@ FINAL_EPSILONS = (3.0, 8.0)
 FINAL_SEEDS = (0, 1, 2)
 # The first auto recipe (batch 2 sqrt(N), one epoch, lr 5e-3, C = 1, A trained) at the finals' N = 278 rows
 # and the users stage's N = 43 students: the finals and the users stage measure it beside today's recipe
-FIRST_RECIPE = {
-    "logical_batch_size": 32,
-    "num_train_epochs": 1,
-    "learning_rate": 5e-3,
-    "max_grad_norm": 1.0,
-    "lora_freeze_a": False,
-}
+B32 = {"logical_batch_size": 32, "learning_rate": 5e-3, "max_grad_norm": 1.0}
+FIRST_RECIPE = B32 | {"num_train_epochs": 1, "lora_freeze_a": False}
+B64_2EP = B32 | {"logical_batch_size": 64, "num_train_epochs": 2}  # twice the batch over twice the epochs
 FIRST_USER_RECIPE = dict(FIRST_RECIPE, logical_batch_size=16)
+# private sweep configurations the finals measure besides the sweep's best: the best of an earlier sweep
+FINALISTS = ("dp_b32_lr5e-3_freeze_a",)
 # stage data: the same test and validation cards, a larger share of the training split (about 930 rows)
 DATA_FRACTION = 0.5
 
@@ -99,86 +96,43 @@ class Config:
         return not self.flags.get("disable_dp", False)
 
 
+# a sweep entry pins every recipe lever it uses, so a later recipe never changes what an entry trains
 def dp(name, **flags) -> Config:
-    return Config(name, dict(epsilon=SWEEP_EPSILON, **flags))
+    return Config(name, {"epsilon": SWEEP_EPSILON, "num_train_epochs": 1} | flags)
 
 
 def nonprivate(name, **flags) -> Config:
-    return Config(name, dict(disable_dp=True, **flags))
+    return Config(name, {"disable_dp": True, "num_train_epochs": 1, "lora_freeze_a": False} | flags)
 
 
 # The levers of issue #14 at the cost this CPU allows (about 0.4 training rows per CPU-second): one epoch each.
 # At N ~ 270 training rows, batch 16 is about sqrt(N) (dp-transformers' advice) and 32 about 2 sqrt(N).
-# Every private entry names --lora_freeze_a: the recipe freezes A when it is unset, and each entry must train
-# what it trained when it ran.
 GRID = (
     nonprivate("nonprivate_b16_lr2e-3", logical_batch_size=16, learning_rate=2e-3),
     nonprivate("nonprivate_b16_lr5e-3", logical_batch_size=16, learning_rate=5e-3),
     # the first version's
     dp("dp_b16_lr2e-3", logical_batch_size=16, learning_rate=2e-3, max_grad_norm=1.0, lora_freeze_a=False),
-    dp("dp_b32_lr5e-3", logical_batch_size=32, learning_rate=5e-3, max_grad_norm=1.0, lora_freeze_a=False),
-    dp(
-        "dp_b32_lr5e-3_freeze_a",
-        logical_batch_size=32,
-        learning_rate=5e-3,
-        max_grad_norm=1.0,
-        lora_freeze_a=True,
-    ),
-    dp("dp_b32_lr1e-2", logical_batch_size=32, learning_rate=1e-2, max_grad_norm=1.0, lora_freeze_a=False),
+    dp("dp_b32_lr5e-3", **B32, lora_freeze_a=False),
+    dp("dp_b32_lr5e-3_freeze_a", **B32, lora_freeze_a=True),
+    dp("dp_b32_lr1e-2", **B32 | {"learning_rate": 1e-2}, lora_freeze_a=False),
     # clip norm: with AdamW, C scales the clipped signal and the noise sigma C alike; a small C clips every
     # gradient (in effect normalised gradients, as jax_privacy's Gemma recipe does)
-    dp(
-        "dp_b32_lr5e-3_clip0.1",
-        logical_batch_size=32,
-        learning_rate=5e-3,
-        max_grad_norm=0.1,
-        lora_freeze_a=False,
-    ),
+    dp("dp_b32_lr5e-3_clip0.1", **B32 | {"max_grad_norm": 0.1}, lora_freeze_a=False),
     # batch and epochs together: 2 epochs at batch 64 is the same 9 steps at twice the batch per unit of noise
-    dp(
-        "dp_b64_lr5e-3_2ep",
-        logical_batch_size=64,
-        learning_rate=5e-3,
-        max_grad_norm=1.0,
-        num_train_epochs=2,
-        lora_freeze_a=False,
-    ),
+    dp("dp_b64_lr5e-3_2ep", **B64_2EP, lora_freeze_a=False),
     # on top of the best so far (A frozen): warmup (3 of the 9 steps; 5% of 9 rounds to none), and SGD with
     # heavy-ball momentum 0.9 instead of AdamW; with noise of std sigma C / B ~ 0.02 per coordinate dominating
     # the gradient (sigma 0.63 at epsilon 8), lr 5e-2 with momentum's build-up (about 4x over 9 steps) moves
     # a weight about as far per step as AdamW at 5e-3
-    dp(
-        "dp_b32_lr5e-3_freeze_a_warmup0.3",
-        logical_batch_size=32,
-        learning_rate=5e-3,
-        max_grad_norm=1.0,
-        lora_freeze_a=True,
-        warmup_ratio=0.3,
-    ),
-    dp(
-        "dp_b32_sgd_lr5e-2_freeze_a",
-        logical_batch_size=32,
-        learning_rate=5e-2,
-        max_grad_norm=1.0,
-        lora_freeze_a=True,
-        optimizer="sgd",
-    ),
+    dp("dp_b32_lr5e-3_freeze_a_warmup0.3", **B32, lora_freeze_a=True, warmup_ratio=0.3),
+    dp("dp_b32_sgd_lr5e-2_freeze_a", **B32 | {"learning_rate": 5e-2}, lora_freeze_a=True, optimizer="sgd"),
     # the two best levers together: batch 64 over 2 epochs with A frozen
-    dp(
-        "dp_b64_lr5e-3_2ep_freeze_a",
-        logical_batch_size=64,
-        learning_rate=5e-3,
-        max_grad_norm=1.0,
-        num_train_epochs=2,
-        lora_freeze_a=True,
-    ),
+    dp("dp_b64_lr5e-3_2ep_freeze_a", **B64_2EP, lora_freeze_a=True),
     # the trainable dimension: rank 1 on q_proj and v_proj holds 46k weights against rank 8 everywhere's 1.9M,
     # so the noise norm sigma C sqrt(d) is 6.4x smaller (alpha 2 keeps the scale alpha / r = 2)
     dp(
         "dp_b32_lr5e-3_r1_qv",
-        logical_batch_size=32,
-        learning_rate=5e-3,
-        max_grad_norm=1.0,
+        **B32,
         lora_r=1,
         lora_alpha=2,
         lora_freeze_a=False,
@@ -188,9 +142,9 @@ GRID = (
 
 
 def final_configs(results: list[dict]) -> list[Config]:
-    """--recipe auto and the first auto recipe at each final epsilon, the best private sweep configuration at
-    the sweep's epsilon (a run whose flags resolve to the recipe's is scored, not retrained), and the best
-    non-private one; 3 seeds each."""
+    """--recipe auto and the first auto recipe at each final epsilon, the best private sweep configuration and
+    the FINALISTS at the sweep's epsilon (a run whose flags resolve to the recipe's is scored, not retrained),
+    and the best non-private one; 3 seeds each."""
     configs = [
         Config(f"{name}_eps{eps:g}", flags | {"epsilon": eps}, "finals", seed)
         for name, flags in (("recipe", {"recipe": "auto"}), ("first_recipe", FIRST_RECIPE))
@@ -202,7 +156,7 @@ def final_configs(results: list[dict]) -> list[Config]:
         raise StudyError("the finals need the sweep's non-private runs: run --stage sweep first")
     grid = {c.name: c for c in GRID}
     best_dp = best_of(results, "dp")
-    for name in ([best_dp] if best_dp else []) + [best]:
+    for name in dict.fromkeys(([best_dp] if best_dp else []) + list(FINALISTS) + [best]):
         configs += [dataclasses.replace(grid[name], stage="finals", seed=seed) for seed in FINAL_SEEDS]
     return configs
 
@@ -381,7 +335,9 @@ def trained_with(run_dir: Path, flags: dict) -> bool:
     """Did a finished run in run_dir train with exactly these flags (every other flag at its default)?
 
     Each parsed value is compared with the run's args.json; the levers left unset are compared with
-    what the recipe gives at the run's N and epsilon (utils.recipe, as train_dp_lora.py fills them).
+    what the recipe gives at the run's N and epsilon (utils.recipe, as train_dp_lora.py fills them). A flag
+    the run's args.json lacks was added after it ran, and a new flag's default keeps the old behaviour
+    (--optimizer adamw was the only update): the run counts as trained with that default.
     """
     from utils import recipe, train_args
 
@@ -395,8 +351,9 @@ def trained_with(run_dir: Path, flags: dict) -> bool:
         return False
     recipe.apply(parsed, n)
     wanted, saved = cli.to_dict(parsed), read_json(run.args_file)
+    defaults = cli.to_dict(train_args.parse_args([]))
     return all(
-        saved.get(group, {}).get(key) == value
+        saved.get(group, {}).get(key, defaults[group][key]) == value
         for group, values in wanted.items()
         if isinstance(values, dict)
         for key, value in values.items()

@@ -3,13 +3,14 @@ selects on validation, and reports retention against the best non-private run (n
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 
 from bench import utility_study
 from conftest import REPO, bundled_cards, write_cards
-from utils import data
+from utils import data, recipe
 
 TINY_GRID = (
     utility_study.nonprivate("np_a", logical_batch_size=8, learning_rate=2e-3, max_steps=2),
@@ -21,6 +22,7 @@ TINY_GRID = (
 def make_study(model_dir, root, monkeypatch):
     """(run(*flags), lines()) of a study on the tiny model and 80 bundled cards, writing under root."""
     monkeypatch.setattr(utility_study, "GRID", TINY_GRID)
+    monkeypatch.setattr(utility_study, "FINALISTS", ("dp_a",))  # the best too: measured once, not twice
     monkeypatch.setattr(utility_study, "FINAL_EPSILONS", (8.0,))
     monkeypatch.setattr(utility_study, "FINAL_SEEDS", (0, 1))
     monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, per_device_train_batch_size=8))
@@ -188,3 +190,24 @@ def test_data_stage_trains_the_recipe_and_its_reference_on_its_own_share_against
     positions = [table.index(f"| {stage} | {name} |") for stage, name in
                  (("finals", "recipe_eps8"), ("data", "data0.5_recipe_eps8"), ("base", "base_users"))]  # fmt: skip
     assert positions == sorted(positions)
+
+
+def test_every_sweep_entry_pins_the_recipe_levers_and_the_shared_flags_set_none():
+    # a flag shared by every run would override the recipe's own choice in the finals
+    assert not (set(utility_study.COMMON) | set(utility_study.SPLIT)) & set(recipe.LEVERS)
+    for config in utility_study.GRID:
+        used = set(recipe.LEVERS) - (set() if config.private else {"max_grad_norm"})
+        assert used <= set(config.flags), (config.name, used - set(config.flags))
+
+
+def test_a_run_recorded_before_a_flag_existed_counts_as_trained_with_that_flags_default(studied, tmp_path):
+    row = next(r for r in studied["all"] if r["stage"] == "sweep" and r["name"] == "dp_a")
+    old = tmp_path / "old_run"
+    shutil.copytree(row["run_dir"], old)
+    assert utility_study.trained_with(old, row["flags"])
+    args_file = old / "private_run_record" / "args.json"
+    args = json.loads(args_file.read_text())
+    del args["training"]["optimizer"]  # as a run from before --optimizer recorded it
+    args_file.write_text(json.dumps(args))
+    assert utility_study.trained_with(old, row["flags"])
+    assert not utility_study.trained_with(old, row["flags"] | {"optimizer": "sgd"})
