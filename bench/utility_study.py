@@ -40,6 +40,7 @@ Run
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -532,29 +533,29 @@ def plot(rows: list[dict], path: Path) -> None:
         for r in rows
         if r["stage"] == "finals"
         and r["kind"] == "dp"
-        and not r["name"].startswith("recipe_")
+        and not r["name"].startswith(("recipe_", "first_recipe_"))  # those are on the lines above
         and r.get("retention")
     ]
-    if not any(points for _, points in series):
+    series = [(label, points) for label, points in series if points]
+    if not series:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (label, points), marker in zip(series, ("o", "x", "s", "D", "^", "v", "P")):
-        if points:
-            ax.errorbar(
-                [r["epsilon"] for r in points],
-                [100 * r["retention"][0] for r in points],
-                yerr=[100 * r["retention"][1] for r in points],
-                marker=marker,
-                capsize=4,
-                label=f"{label} ({points[0]['seeds']} seeds)",
-            )
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for (label, points), marker in zip(series, itertools.cycle(("o", "x", "s", "D", "^", "v", "P"))):
+        ax.errorbar(
+            [r["epsilon"] for r in points],
+            [100 * r["retention"][0] for r in points],
+            yerr=[100 * r["retention"][1] for r in points],
+            marker=marker,
+            capsize=4,
+            label=f"{label} ({points[0]['seeds']} seeds)",
+        )
     ax.axhline(100, linestyle="--", color="tab:green", label="best non-private configuration")
     ax.axhline(0, linestyle="--", color="tab:grey", label="base model")
     ax.scatter([3, 8], [80, 90], marker="*", s=90, color="tab:red", label="issue #14 goals", zorder=3)
     ax.set_xlabel("epsilon (delta from the run)")
     ax.set_ylabel("retention of the test NLL gain, % (mean ± sd)")
     ax.set_title("Gemma 3 270M, bundled flashcards")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: no point hidden
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
