@@ -189,7 +189,7 @@ def _collectives(rank, world_size, port, out_dir):
         torch.nn.Parameter(torch.full((4, 2), float(rank))),
         torch.nn.Parameter(torch.full((3,), 10.0 + rank)),
     ]
-    distributed.broadcast_trainable_parameters(lora)
+    distributed.broadcast_lora_weights(lora)
     found["broadcast"] = [p.detach().clone() for p in lora]
     found["identical_after_broadcast"] = distributed.replicas_identical(lora)
     with torch.no_grad():

@@ -93,8 +93,9 @@ def split_draw(drawn: list[int], lengths: list[int], rank: int, world_size: int)
     return ordered[rank::world_size]
 
 
-def broadcast_trainable_parameters(params) -> None:
-    """Start every rank from rank 0's trainable weights (in place).
+def broadcast_lora_weights(params) -> None:
+    """Start every rank from rank 0's LoRA weights (in place), the frozen ones too: with --lora_freeze_a, A
+    stays at its init, and each rank's init differs unless rank 0's is copied.
 
     Opacus's DifferentiallyPrivateDistributedDataParallel broadcasts every parameter of the module it
     wraps; wrapping only the trainable ones syncs the LoRA weights without copying the frozen base
