@@ -40,6 +40,7 @@ Run
 """
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -332,6 +333,14 @@ def run_flags(config: Config, s: StudyArguments) -> dict:
 IGNORED = ("output_dir", "overwrite_output_dir")
 
 
+@functools.cache
+def flag_defaults() -> dict:
+    """train_dp_lora.py's flag defaults by group: parsed once, not once per run directory compared."""
+    from utils import train_args
+
+    return cli.to_dict(train_args.parse_args([]))
+
+
 def trained_with(run_dir: Path, flags: dict) -> bool:
     """Did a finished run in run_dir train with exactly these flags (every other flag at its default)?
 
@@ -351,8 +360,7 @@ def trained_with(run_dir: Path, flags: dict) -> bool:
     if n is None:  # a user-level configuration, and a run that counted no users
         return False
     recipe.apply(parsed, n)
-    wanted, saved = cli.to_dict(parsed), read_json(run.args_file)
-    defaults = cli.to_dict(train_args.parse_args([]))
+    wanted, saved, defaults = cli.to_dict(parsed), read_json(run.args_file), flag_defaults()
     return all(
         saved.get(group, {}).get(key, defaults[group][key]) == value
         for group, values in wanted.items()
@@ -434,12 +442,8 @@ def mean_sd(values: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
-BASE_OF = {
-    "sweep": "base",
-    "finals": "base",
-    "data": "base",
-    "users": "base_users",
-}  # the base run on each stage's split
+# the base run on each stage's split
+BASE_OF = {"sweep": "base", "finals": "base", "data": "base", "users": "base_users"}
 
 
 def summarise(results: list[dict]) -> list[dict]:
