@@ -114,10 +114,19 @@ class LoggedEpsilon:
         return self._value
 
 
+CALIBRATION_TRIALS = 64  # accountant evaluations at most once bracketed; the search needs about 5
+
+
 def calibrate_noise(
     epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str, tolerance: float = 0.01
 ) -> float:
-    """The smallest noise multiplier (to `tolerance` in epsilon) whose epsilon after `steps` is <= target.
+    """A noise multiplier whose epsilon after `steps` lies in [target - tolerance, target].
+
+    Every trial is one accountant evaluation (0.2-1 s for PRV), so the search interpolates between the
+    two ends of a bracket in (log sigma, log epsilon), where epsilon falls almost as a straight line,
+    aiming at target - tolerance / 2: about 5 evaluations where bisection needed about 17. The upper end
+    is always an evaluated sigma whose epsilon meets the target, and it is what is returned; each trial
+    stays inside the inner 90% of the bracket, so the bracket shrinks even where the line is a poor fit.
 
     Raises PrivacyBudgetError, naming the smallest epsilon reachable, when no sigma up to
     MAX_NOISE_MULTIPLIER meets the target.
@@ -141,15 +150,30 @@ def calibrate_noise(
                 )
             )
         high = min(2 * high, MAX_NOISE_MULTIPLIER)
-    low, eps_high = 0.0, eps(high)
-    while epsilon - eps_high > tolerance:  # the same bisection as Opacus's get_noise_multiplier
-        mid = (low + high) / 2
-        eps_mid = eps(mid)
-        if eps_mid < epsilon:
-            high, eps_high = mid, eps_mid
+    eps_high, aim = eps(high), math.log(epsilon - tolerance / 2)
+    low, eps_low = None, None  # the largest sigma tried whose epsilon misses the target
+    slope = -1.0  # of log epsilon in log sigma: about -1 at large sigma, steeper below
+    for _ in range(CALIBRATION_TRIALS):
+        if epsilon - eps_high <= tolerance or (low is not None and high - low <= 1e-12 * high):
+            break
+        if low is None:  # only feasible sigmas known: extrapolate, by at most a factor 4 (as 2 bisections)
+            trial = high * max(math.exp((aim - math.log(eps_high)) / slope), 1 / 4)
+        elif math.isfinite(eps_low) and eps_low > eps_high > 0:
+            ends = (math.log(low), math.log(high)), (math.log(eps_low), math.log(eps_high))
+            t = min(max((aim - ends[1][0]) / (ends[1][1] - ends[1][0]), 0.05), 0.95)
+            trial = math.exp(ends[0][0] + t * (ends[0][1] - ends[0][0]))
+        else:  # no usable slope: halve the bracket
+            trial = (low + high) / 2
+        eps_trial = eps(trial)
+        if eps_trial <= epsilon:
+            if low is None and 0 < eps_trial and eps_high > 0:
+                slope = min(
+                    (math.log(eps_trial) - math.log(eps_high)) / (math.log(trial) - math.log(high)), -0.1
+                )
+            high, eps_high = trial, eps_trial
         else:
-            low = mid
-    return high
+            low, eps_low = trial, eps_trial
+    return float(high)
 
 
 def eps_rdp_floor(steps: int, sample_rate: float, delta: float) -> float:
