@@ -268,7 +268,7 @@ class Trainer:
         )
         self.params = [x for x in model.parameters() if x.requires_grad]
         if self.world > 1:
-            distributed.broadcast_lora_weights([w for name, w in model.named_parameters() if "lora_" in name])
+            distributed.broadcast_lora_weights([w for _, w in training.lora_weights(model)])
         self.optimizer = training.make_optimizer(
             self.params, t.optimizer, t.learning_rate, t.weight_decay, t.momentum
         )

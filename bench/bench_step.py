@@ -2,9 +2,10 @@
 
 Contract
 - One process, one model (utils.training.build_lora_model with the default LoraArguments and
-  compute_dtype: the training script's LoRA setup, dtype and device), one synthetic batch per sequence
-  length: B rows of T tokens, the first (1 - answer_fraction) of each row a masked prompt and the
-  rest answer tokens (no padding: the worst case for memory).
+  compute_dtype: the training script's LoRA setup, dtype and device; A trained, as --lora_freeze_a
+  false, so every arm does the full adapter's work: the DP recipe freezes A and skips its gradients),
+  one synthetic batch per sequence length: B rows of T tokens, the first (1 - answer_fraction) of
+  each row a masked prompt and the rest answer tokens (no padding: the worst case for memory).
 - Arms, each with its own optimizer over the same LoRA weights, measured round-robin (the order
   rotates every round) so that load from other processes hits them alike:
     nonprivate   utils.training.backward_examples (per-example loss, (sum / B).backward()), AdamW

@@ -630,7 +630,9 @@ class Context:
         }
 
     def model(self):
-        """The LoRA model train_dp_lora.py builds (default LoraArguments) over the saved base, on the device."""
+        """The LoRA model train_dp_lora.py builds over the saved base, on the device, with A trained (default
+        LoraArguments, as --lora_freeze_a false): the DP recipe freezes A, so its step does less backward work
+        than the one measured here, and every check also covers A's per-example gradients."""
         if self._model is None:
             import torch
 

@@ -1,4 +1,4 @@
-"""utils/training.py: dtype precedence, the LR schedule, RNG checkpointing, answer_nll, LoRA defaults.
+"""utils/training.py: dtype precedence, the LR schedule, RNG checkpointing, answer_nll, LoRA defaults and weights.
 
 No Hugging Face model is built: answer_nll runs on a tiny torch module with the causal-LM surface the loss uses.
 """
@@ -250,6 +250,18 @@ def test_lora_arguments_defaults_and_every_field_has_help():
     arguments = training.LoraArguments()
     assert (arguments.lora_r, arguments.lora_alpha, arguments.lora_dropout) == (8, 16, 0.05)
     assert all(f.metadata.get("help", "").strip() for f in dataclasses.fields(training.LoraArguments))
+
+
+def test_lora_weights_are_exactly_the_tensors_peft_saves_as_the_adapter_and_parts_pick_a_or_b():
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    model = get_peft_model(TinyCausalLM(), LoraConfig(r=2, target_modules=["mix"]))
+    weights = dict(training.lora_weights(model))
+    saved = get_peft_model_state_dict(model)  # what the adapter file holds: the names without ".default"
+    assert sorted(name.replace(".default", "") for name in weights) == sorted(saved)
+    assert all(torch.equal(weights[name], saved[name.replace(".default", "")]) for name in weights)
+    a_only = training.lora_weights(model, ("lora_A",))
+    assert a_only and all(".lora_A." in name for name, _ in a_only) and len(a_only) == len(weights) // 2
 
 
 def test_make_optimizer_is_adamw_or_sgd_whose_momentum_is_heavy_ball_at_0_9_when_unset():

@@ -42,6 +42,14 @@ def compute_dtype(dtype: str, mixed_precision: str, device) -> torch.dtype:
     return DTYPES[dtype] or MIXED_PRECISION_DTYPES.get(mixed_precision) or default_compute_dtype(device)
 
 
+LORA_PARTS = ("lora_A", "lora_B")
+
+
+def lora_weights(model, parts: tuple[str, ...] = LORA_PARTS) -> list[tuple[str, torch.nn.Parameter]]:
+    """The adapter's weights, frozen or not: peft names them `<module>.lora_A.<adapter name>.weight`."""
+    return [(name, p) for name, p in model.named_parameters() if any(f".{part}." in name for part in parts)]
+
+
 def build_lora_model(
     model_name: str, lora: LoraArguments, tokenizer, device, *, dtype: torch.dtype, load_in_4bit: bool = False
 ):
@@ -69,9 +77,8 @@ def build_lora_model(
     )
     model = get_peft_model(model, config)
     if lora.lora_freeze_a:  # A is saved with the adapters all the same: peft saves every lora_ weight
-        for name, p in model.named_parameters():
-            if ".lora_A." in name:
-                p.requires_grad_(False)
+        for _, p in lora_weights(model, ("lora_A",)):
+            p.requires_grad_(False)
     for p in model.parameters():  # fp32 even over a bf16 base: clipping and noise happen here
         if p.requires_grad:
             p.data = p.data.float()
