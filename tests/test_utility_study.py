@@ -113,10 +113,10 @@ def test_finals_run_the_recipe_and_the_best_nonprivate_configuration_over_seeds(
     assert (studied["root"] / "curve.png").stat().st_size > 0
 
 
-def test_cpu_budget_stops_new_runs_once_spent(tiny_model_dir, tmp_path, monkeypatch):
+def test_cpu_budget_stops_new_runs_and_the_base_scoring_once_spent(tiny_model_dir, tmp_path, monkeypatch):
     run, lines = make_study(tiny_model_dir, tmp_path, monkeypatch)
     used = run("--stage", "sweep", "--jobs", "1", "--cpu_budget_minutes", "0.0001")
-    assert len(used["ran"]) == 1 and len([r for r in lines() if r["stage"] == "sweep"]) == 1
+    assert len(used["ran"]) == 1 and [r["stage"] for r in lines()] == ["sweep"]  # no base line yet
 
 
 def test_users_stage_trains_user_level_dp_and_its_reference_on_one_split_that_holds_out_whole_students(
