@@ -1,21 +1,30 @@
-"""The training recipe: the four levers a run leaves unset, chosen from N and epsilon (pure, cheap).
+"""The training recipe: the levers a run leaves unset, chosen from N and epsilon (pure, cheap).
 
 `--recipe auto` (the default) fills each of --logical_batch_size, --num_train_epochs, --learning_rate,
---max_grad_norm and --lora_freeze_a that the command line leaves unset; a value given explicitly always wins. `--recipe
-fixed` fills them with the first version's constants instead. N is the number of training units (rows,
-or users with --privacy_unit user); it is public here as it is for the accountant, whose sample rate
-q = logical batch / N the release bundle already states. The rule was chosen on the bundled, public
-flashcards (bench/utility_study.py, README "Privacy-utility trade-off"): choosing it spent no privacy.
-Tuning it again on private data would, and no epsilon this project prints covers that.
+--warmup_ratio, --max_grad_norm and --lora_freeze_a that the command line leaves unset; a value given
+explicitly always wins. `--recipe fixed` fills them with the first version's constants instead. N is
+the number of training units (rows, or users with --privacy_unit user); it is public here as it is for
+the accountant, whose sample rate q = logical batch / N the release bundle already states. The rule was
+chosen on the bundled, public flashcards (bench/utility_study.py, README "Privacy-utility trade-off"):
+choosing it spent no privacy. Tuning it again on private data would, and no epsilon this project prints
+covers that.
 """
 
 import math
 
-LEVERS = ("logical_batch_size", "num_train_epochs", "learning_rate", "max_grad_norm", "lora_freeze_a")
+LEVERS = (
+    "logical_batch_size",
+    "num_train_epochs",
+    "learning_rate",
+    "warmup_ratio",
+    "max_grad_norm",
+    "lora_freeze_a",
+)
 FIXED = {
     "logical_batch_size": 64,
     "num_train_epochs": 1.0,
     "learning_rate": 2e-3,
+    "warmup_ratio": 0.05,
     "max_grad_norm": 1.0,
     "lora_freeze_a": False,
 }
@@ -35,17 +44,20 @@ def auto_levers(n: int, epsilon: float | None) -> dict:
             "logical_batch_size": 16,
             "num_train_epochs": 1.0,
             "learning_rate": 2e-3,
+            "warmup_ratio": 0.05,
             "max_grad_norm": 1.0,
             "lora_freeze_a": False,
         }
     # the noise-batch ratio: batch ~ 4 sqrt(N) over 2 epochs is sqrt(N) / 2 steps, each averaging the noise
     # over twice the rows that 2 sqrt(N) over one epoch would; A frozen at its random init halves the noised
-    # dimension and keeps the function class B spans
+    # dimension and keeps the function class B spans; a warmup over the first 30% of the steps keeps AdamW's
+    # first, noise-dominated moment estimates from taking full-size steps
     batch = min(MAX_BATCH, max(MIN_BATCH, power_of_two_near(4 * math.sqrt(n))))
     return {
         "logical_batch_size": batch,
         "num_train_epochs": 2.0,
         "learning_rate": 5e-3,
+        "warmup_ratio": 0.3,
         "max_grad_norm": 1.0,
         "lora_freeze_a": True,
     }
@@ -87,6 +99,7 @@ def apply(args, n: int) -> str:
         "logical_batch_size": t,
         "num_train_epochs": t,
         "learning_rate": t,
+        "warmup_ratio": t,
         "lora_freeze_a": args.lora,
     }
     given = {lever: getattr(owner, lever) for lever, owner in owners.items()}

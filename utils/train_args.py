@@ -133,7 +133,7 @@ class TrainingArguments:
     recipe: str = field(
         default="auto",
         metadata={
-            "help": "fills the unset levers (batch, epochs, lr, clip): auto from N and epsilon "
+            "help": "fills the unset levers (batch, epochs, lr, warmup, clip, frozen A): auto from N and epsilon "
             "(utils/recipe.py, chosen on public data), fixed the first version's constants",
             "choices": list(RECIPES),
         },
@@ -169,8 +169,11 @@ class TrainingArguments:
         default=None, metadata={"help": "SGD heavy-ball momentum (--optimizer sgd only); unset: 0.9"}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "weight decay"})
-    warmup_ratio: float = field(
-        default=0.05, metadata={"help": "share of steps with linear warmup before the cosine decay"}
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "share of steps with linear warmup before the cosine decay; unset: the recipe chooses"
+        },
     )
     eval_steps: int = field(
         default=50, metadata={"help": "validation loss every K steps (0 = only at the end)"}
@@ -265,7 +268,7 @@ def validate_args(args) -> None:
         problems.append(f"--momentum applies to --optimizer sgd only, not {t.optimizer}")
     elif t.momentum is not None and not 0 <= t.momentum < 1:
         problems.append(f"--momentum must be in [0, 1), got {t.momentum}")
-    if not 0 <= t.warmup_ratio < 1:
+    if t.warmup_ratio is not None and not 0 <= t.warmup_ratio < 1:
         problems.append(f"--warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.eval_steps < 0 or t.save_steps < 0:
         problems.append("--eval_steps and --save_steps must be >= 0")
