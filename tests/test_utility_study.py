@@ -12,7 +12,9 @@ from bench import utility_study
 from conftest import REPO, bundled_cards, write_cards
 from utils import data, recipe
 
-DECLARED_GRID = utility_study.GRID  # the study's own grid: the fixtures below swap in TINY_GRID
+# the study's own declarations: the fixtures below swap in tiny ones
+DECLARED_GRID = utility_study.GRID
+DECLARED_RECIPES, DECLARED_USER_RECIPES = utility_study.FINAL_RECIPES, utility_study.USER_RECIPES
 TINY_GRID = (
     utility_study.nonprivate("np_a", logical_batch_size=8, learning_rate=2e-3, max_steps=2),
     utility_study.nonprivate("np_b", logical_batch_size=8, learning_rate=5e-3, max_steps=2),
@@ -26,6 +28,10 @@ def make_study(model_dir, root, monkeypatch):
     monkeypatch.setattr(utility_study, "FINALISTS", ("dp_a",))  # the best too: measured once, not twice
     monkeypatch.setattr(utility_study, "FINAL_EPSILONS", (8.0,))
     monkeypatch.setattr(utility_study, "FINAL_SEEDS", (0, 1))
+    # the earlier recipes are explicit flags like any sweep entry (checked without training below): the tiny
+    # study trains today's recipe only
+    monkeypatch.setattr(utility_study, "FINAL_RECIPES", utility_study.FINAL_RECIPES[:1])
+    monkeypatch.setattr(utility_study, "USER_RECIPES", utility_study.USER_RECIPES[:1])
     monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, per_device_train_batch_size=8))
     cards = write_cards(root / "cards.jsonl", bundled_cards()[:80])
 
@@ -85,13 +91,11 @@ def test_finals_run_the_recipe_and_the_best_nonprivate_configuration_over_seeds(
     best = min(("np_a", "np_b"), key=lambda name: sweep[name]["validation_nll"])
     finals = [r for r in results if r["stage"] == "finals"]
     assert sorted((r["name"], r["seed"]) for r in finals) == sorted(
-        [("recipe_eps8", 0), ("recipe_eps8", 1), ("first_recipe_eps8", 0), ("first_recipe_eps8", 1)]
-        + [("dp_a", 0), ("dp_a", 1), (best, 0), (best, 1)]
+        [("recipe_eps8", 0), ("recipe_eps8", 1), ("dp_a", 0), ("dp_a", 1), (best, 0), (best, 1)]
     )  # dp_a: the sweep's best (only) private configuration, over the seeds too
-    for name, frozen in (("first_recipe_eps8", False), ("recipe_eps8", True)):
-        for r in (r for r in finals if r["name"] == name):
-            args = json.loads((Path(r["run_dir"]) / "private_run_record" / "args.json").read_text())
-            assert args["lora"]["lora_freeze_a"] is frozen, (name, r["seed"])
+    for r in (r for r in finals if r["name"] == "recipe_eps8"):  # the recipe's DP levers, resolved at N
+        args = json.loads((Path(r["run_dir"]) / "private_run_record" / "args.json").read_text())
+        assert args["lora"]["lora_freeze_a"] is True and args["training"]["warmup_ratio"] == 0.3, r["seed"]
     assert all(math.isfinite(r["test_nll"]) for r in finals)
     # the best non-private seed 0 is the sweep's own run, scored on test, not trained again
     reused = next(r for r in finals if r["name"] == best and r["seed"] == 0)
@@ -126,8 +130,7 @@ def test_users_stage_trains_user_level_dp_and_its_reference_on_one_split_that_ho
     users = {r["name"]: r for r in results if r["stage"] == "users"}
     best = min((r for r in results if r["stage"] == "sweep" and r["kind"] == "nonprivate"),
                key=lambda r: r["validation_nll"])["name"]  # fmt: skip
-    assert sorted(users) == sorted(["user_recipe_eps8", "user_first_recipe_eps8", f"user_{best}"])
-    assert users["user_first_recipe_eps8"]["flags"]["lora_freeze_a"] is False
+    assert sorted(users) == sorted(["user_recipe_eps8", f"user_{best}"])
     dp, reference = users["user_recipe_eps8"], users[f"user_{best}"]
     assert dp["flags"]["privacy_unit"] == "user" and 0 < dp["epsilon"] <= 8.0 and dp["n_users"] > 16
     assert reference["kind"] == "nonprivate" and reference["n_users"] is None  # rows, at the example unit
@@ -193,12 +196,34 @@ def test_data_stage_trains_the_recipe_and_its_reference_on_its_own_share_against
     assert positions == sorted(positions)
 
 
-def test_every_sweep_entry_pins_the_recipe_levers_and_the_shared_flags_set_none():
+def test_every_sweep_entry_and_earlier_recipe_pins_the_recipe_levers_and_the_shared_flags_set_none():
     # a flag shared by every run would override the recipe's own choice in the finals
     assert not (set(utility_study.COMMON) | set(utility_study.SPLIT)) & set(recipe.LEVERS)
-    for config in DECLARED_GRID:
+    declared = DECLARED_RECIPES + DECLARED_USER_RECIPES
+    earlier = [utility_study.Config(name, flags) for name, flags in declared if "recipe" not in flags]
+    assert len(earlier) == 3  # the first and second recipes, and the first at user level
+    for config in DECLARED_GRID + tuple(earlier):
         used = set(recipe.LEVERS) - (set() if config.private else {"max_grad_norm"})
         assert used <= set(config.flags), (config.name, used - set(config.flags))
+
+
+def test_finals_and_users_declare_every_recipe_at_every_epsilon_and_seed_with_its_flags():
+    sweep = [{"stage": "sweep", "kind": "nonprivate", "name": "nonprivate_b16_lr2e-3", "validation_nll": 2.0},
+             {"stage": "sweep", "kind": "dp", "name": "dp_b32_lr5e-3", "validation_nll": 3.0}]  # fmt: skip
+    finals = {(c.name, c.seed): c for c in utility_study.final_configs(sweep)}
+    for name, flags in DECLARED_RECIPES:
+        for eps in utility_study.FINAL_EPSILONS:
+            for seed in utility_study.FINAL_SEEDS:
+                config = finals[(f"{name}_eps{eps:g}", seed)]
+                assert config.stage == "finals" and config.flags == flags | {"epsilon": eps}
+    assert finals[("first_recipe_eps8", 0)].flags["lora_freeze_a"] is False
+    assert finals[("second_recipe_eps3", 2)].flags["lora_freeze_a"] is True
+    assert {("dp_b32_lr5e-3", s) for s in utility_study.FINAL_SEEDS} <= set(finals)  # the sweep's best DP
+    study = utility_study.parse_args([]).study
+    users = {(c.name, c.seed): c for c in utility_study.user_configs(sweep, study)}
+    for name, flags in DECLARED_USER_RECIPES:
+        config = users[(f"user_{name}_eps8", 0)]
+        assert config.flags["privacy_unit"] == "user" and flags.items() <= config.flags.items()
 
 
 def test_a_run_recorded_before_a_flag_existed_counts_as_trained_with_that_flags_default(studied, tmp_path):
