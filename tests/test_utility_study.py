@@ -15,6 +15,8 @@ from utils import data, recipe
 # the study's own declarations: the fixtures below swap in tiny ones
 DECLARED_GRID = utility_study.GRID
 DECLARED_RECIPES, DECLARED_USER_RECIPES = utility_study.FINAL_RECIPES, utility_study.USER_RECIPES
+DECLARED = {name: getattr(utility_study, name) for name in
+            ("GRID", "FINAL_RECIPES", "USER_RECIPES", "FINAL_EPSILONS", "FINAL_SEEDS", "FINALISTS")}  # fmt: skip
 TINY_GRID = (
     utility_study.nonprivate("np_a", logical_batch_size=8, learning_rate=2e-3, max_steps=2),
     utility_study.nonprivate("np_b", logical_batch_size=8, learning_rate=5e-3, max_steps=2),
@@ -207,7 +209,9 @@ def test_every_sweep_entry_and_earlier_recipe_pins_the_recipe_levers_and_the_sha
         assert used <= set(config.flags), (config.name, used - set(config.flags))
 
 
-def test_finals_and_users_declare_every_recipe_at_every_epsilon_and_seed_with_its_flags():
+def test_finals_and_users_declare_every_recipe_at_every_epsilon_and_seed_with_its_flags(monkeypatch):
+    for name, value in DECLARED.items():  # the module's fixture holds its tiny study's patches meanwhile
+        monkeypatch.setattr(utility_study, name, value)
     sweep = [{"stage": "sweep", "kind": "nonprivate", "name": "nonprivate_b16_lr2e-3", "validation_nll": 2.0},
              {"stage": "sweep", "kind": "dp", "name": "dp_b32_lr5e-3", "validation_nll": 3.0}]  # fmt: skip
     finals = {(c.name, c.seed): c for c in utility_study.final_configs(sweep)}
