@@ -193,6 +193,12 @@ def test_calibration_lands_within_tolerance_below_the_target_in_few_accountant_e
     assert len(evaluated) <= 10, evaluated
 
 
+def test_a_target_within_the_tolerance_of_zero_is_calibrated_to_a_sigma_that_meets_it():
+    # target - tolerance / 2 is then below 0, where the search cannot aim; any evaluated feasible sigma will do
+    sigma = privacy.calibrate_noise(0.005, 1e-5, 0.001, 1, "rdp", tolerance=0.01)
+    assert 0 < privacy.epsilon_after(1, sigma, 0.001, 1e-5, "rdp") <= 0.005
+
+
 def test_logged_epsilon_never_understates_and_is_exact_every_k_steps_and_at_the_end():
     from utils import privacy
 

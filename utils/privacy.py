@@ -114,7 +114,7 @@ class LoggedEpsilon:
         return self._value
 
 
-CALIBRATION_TRIALS = 64  # accountant evaluations at most once bracketed; the search needs about 5
+CALIBRATION_TRIALS = 64  # accountant evaluations at most after the first feasible sigma; 5-7 are needed
 
 
 def calibrate_noise(
@@ -124,7 +124,7 @@ def calibrate_noise(
 
     Every trial is one accountant evaluation (0.2-1 s for PRV), so the search interpolates between the
     two ends of a bracket in (log sigma, log epsilon), where epsilon falls almost as a straight line,
-    aiming at target - tolerance / 2: about 5 evaluations where bisection needed about 17. The upper end
+    aiming at target - tolerance / 2: 5-7 evaluations where bisection needed 11-20. The upper end
     is always an evaluated sigma whose epsilon meets the target, and it is what is returned; each trial
     stays inside the inner 90% of the bracket, so the bracket shrinks even where the line is a poor fit.
 
@@ -150,7 +150,8 @@ def calibrate_noise(
                 )
             )
         high = min(2 * high, MAX_NOISE_MULTIPLIER)
-    eps_high, aim = eps(high), math.log(epsilon - tolerance / 2)
+    # a target within the tolerance of 0 is met by any feasible sigma: the loop ends at once
+    eps_high, aim = eps(high), math.log(max(epsilon - tolerance / 2, epsilon / 2))
     low, eps_low = None, None  # the largest sigma tried whose epsilon misses the target
     slope = -1.0  # of log epsilon in log sigma: about -1 at large sigma, steeper below
     for _ in range(CALIBRATION_TRIALS):
