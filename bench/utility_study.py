@@ -655,17 +655,16 @@ def main(args) -> dict:
             future.result()
     base = BASE_OF[s.stage]
     finished = [r for r in read_results(results_path) if r["kind"] != "base" and BASE_OF[r["stage"]] == base]
-    spent = used["cpu_s"] >= 60 * s.cpu_budget_minutes
-    # the base model on the split every run of the stage shares, once
-    if finished and ("base", base, 0) not in done and spent:
-        print(f"skipped {base}: CPU budget spent (the next invocation scores it)", flush=True)
-    elif finished and ("base", base, 0) not in done:
-        first = Path(
-            finished[0].get("run_dir")
-            or Path(s.runs_dir) / f"{finished[0]['name']}_seed{finished[0]['seed']}"
-        )
-        with open(results_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(base_line(first, s, base)) + "\n")
+    if finished and ("base", base, 0) not in done:  # the base model on the split the stage's runs share, once
+        if used["cpu_s"] >= 60 * s.cpu_budget_minutes:
+            print(f"skipped {base}: CPU budget spent (the next invocation scores it)", flush=True)
+        else:
+            first = Path(
+                finished[0].get("run_dir")
+                or Path(s.runs_dir) / f"{finished[0]['name']}_seed{finished[0]['seed']}"
+            )
+            with open(results_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(base_line(first, s, base)) + "\n")
     print(write_report(s))
     return used
 
