@@ -76,15 +76,18 @@ SWEEP_EPSILON = 8.0
 FINAL_EPSILONS = (3.0, 8.0)
 FINAL_SEEDS = (0, 1, 2)
 # The earlier auto recipes, as explicit flags at the finals' N = 278 rows (and the users stage's N = 43
-# students), measured beside today's: the first (batch 2 sqrt(N), one epoch, lr 5e-3, C = 1, A trained) and
-# the second (batch 4 sqrt(N) over 2 epochs, A frozen); both warmed up over 5% of the steps
+# students), measured beside today's: the first (batch 2 sqrt(N), one epoch, lr 5e-3, C = 1, A trained), the
+# second (batch 4 sqrt(N) over 2 epochs, A frozen), both warmed up over 5% of the steps, and the third (the
+# second warmed up over 30%)
 B32 = {"logical_batch_size": 32, "learning_rate": 5e-3, "max_grad_norm": 1.0, "warmup_ratio": 0.05}
 FIRST_RECIPE = B32 | {"num_train_epochs": 1, "lora_freeze_a": False}
 B64_2EP = B32 | {"logical_batch_size": 64, "num_train_epochs": 2}  # twice the batch over twice the epochs
 SECOND_RECIPE = B64_2EP | {"lora_freeze_a": True}
+THIRD_RECIPE = SECOND_RECIPE | {"warmup_ratio": 0.3}
 FIRST_USER_RECIPE = dict(FIRST_RECIPE, logical_batch_size=16)
 FINAL_RECIPES = (
     ("recipe", {"recipe": "auto"}),
+    ("third_recipe", THIRD_RECIPE),
     ("second_recipe", SECOND_RECIPE),
     ("first_recipe", FIRST_RECIPE),
 )
@@ -150,6 +153,19 @@ GRID = (
     dp(
         "dp_b128_lr5e-3_4ep_freeze_a",
         **B64_2EP | {"logical_batch_size": 128, "num_train_epochs": 4},
+        lora_freeze_a=True,
+    ),
+    # batch 128's 9 steps with the recipe's warmup, and with twice the learning rate: a batch carrying 115 rows
+    # per unit of noise may take larger steps than batch 32, where lr 1e-2 diverged
+    dp(
+        "dp_b128_lr5e-3_4ep_freeze_a_warmup0.3",
+        **B64_2EP | {"logical_batch_size": 128, "num_train_epochs": 4, "warmup_ratio": 0.3},
+        lora_freeze_a=True,
+    ),
+    dp(
+        "dp_b128_lr1e-2_4ep_freeze_a_warmup0.3",
+        **B64_2EP
+        | {"logical_batch_size": 128, "num_train_epochs": 4, "warmup_ratio": 0.3, "learning_rate": 1e-2},
         lora_freeze_a=True,
     ),
     # the trainable dimension: rank 1 on q_proj and v_proj holds 46k weights against rank 8 everywhere's 1.9M,
@@ -551,6 +567,7 @@ def plot(rows: list[dict], path: Path) -> None:
         (label, sorted((r for r in rows if r["stage"] == stage and r["kind"] == "dp"
                         and r["name"].startswith(prefix) and r.get("retention")), key=lambda r: r["epsilon"]))
         for stage, prefix, label in (("finals", "recipe_eps", "--recipe auto, example unit (one row)"),
+                                     ("finals", "third_recipe_eps", "third auto recipe (batch 4 sqrt N), example unit"),
                                      ("finals", "second_recipe_eps", "second auto recipe (5% warmup), example unit"),
                                      ("finals", "first_recipe_eps", "first auto recipe, example unit"),
                                      ("users", "user_recipe_eps", "--recipe auto, user unit (one student)"),

@@ -203,7 +203,7 @@ def test_every_sweep_entry_and_earlier_recipe_pins_the_recipe_levers_and_the_sha
     assert not (set(utility_study.COMMON) | set(utility_study.SPLIT)) & set(recipe.LEVERS)
     declared = DECLARED_RECIPES + DECLARED_USER_RECIPES
     earlier = [utility_study.Config(name, flags) for name, flags in declared if "recipe" not in flags]
-    assert len(earlier) == 3  # the first and second recipes, and the first at user level
+    assert len(earlier) == 4  # the first, second and third recipes, and the first at user level
     for config in DECLARED_GRID + tuple(earlier):
         used = set(recipe.LEVERS) - (set() if config.private else {"max_grad_norm"})
         assert used <= set(config.flags), (config.name, used - set(config.flags))
@@ -222,6 +222,10 @@ def test_finals_and_users_declare_every_recipe_at_every_epsilon_and_seed_with_it
                 assert config.stage == "finals" and config.flags == flags | {"epsilon": eps}
     assert finals[("first_recipe_eps8", 0)].flags["lora_freeze_a"] is False
     assert finals[("second_recipe_eps3", 2)].flags["lora_freeze_a"] is True
+    assert (
+        finals[("third_recipe_eps3", 1)].flags | {"warmup_ratio": 0.05}
+        == finals[("second_recipe_eps3", 1)].flags
+    )
     assert {("dp_b32_lr5e-3", s) for s in utility_study.FINAL_SEEDS} <= set(finals)  # the sweep's best DP
     study = utility_study.parse_args([]).study
     users = {(c.name, c.seed): c for c in utility_study.user_configs(sweep, study)}
