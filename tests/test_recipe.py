@@ -39,11 +39,17 @@ def test_explicit_levers_always_win_over_either_recipe():
         assert partly["logical_batch_size"] == recipe.resolve(name, UNSET, 1000, 3.0)["logical_batch_size"]
 
 
-def test_auto_dp_batch_is_the_power_of_two_nearest_4_sqrt_n_within_bounds_over_2_epochs():
-    # the study's best noise-batch ratio (batch 64 over 2 epochs at N = 278), and the README's scaling rows
-    for n, batch in ((278, 64), (1853, 128), (30500, 512), (10**6, recipe.MAX_BATCH)):
+def test_auto_dp_batch_is_the_power_of_two_nearest_8_sqrt_n_within_bounds_over_4_epochs():
+    # the study's best noise-batch ratio (batch 128 over 4 epochs at N = 278), and the README's scaling rows
+    for n, batch in (
+        (278, 128),
+        (1853, 256),
+        (4000, 512),
+        (30500, recipe.MAX_BATCH),
+        (10**6, recipe.MAX_BATCH),
+    ):
         levers = recipe.resolve("auto", UNSET, n, 8.0)
-        assert (levers["logical_batch_size"], levers["num_train_epochs"]) == (batch, 2.0), n
+        assert (levers["logical_batch_size"], levers["num_train_epochs"]) == (batch, 4.0), n
 
 
 def test_fixed_recipe_is_the_first_versions_constants():
