@@ -84,6 +84,7 @@ FIRST_RECIPE = B32 | {"num_train_epochs": 1, "lora_freeze_a": False}
 B64_2EP = B32 | {"logical_batch_size": 64, "num_train_epochs": 2}  # twice the batch over twice the epochs
 SECOND_RECIPE = B64_2EP | {"lora_freeze_a": True}
 THIRD_RECIPE = SECOND_RECIPE | {"warmup_ratio": 0.3}
+B128_4EP = B64_2EP | {"logical_batch_size": 128, "num_train_epochs": 4}  # twice again: the same 9 steps
 FIRST_USER_RECIPE = dict(FIRST_RECIPE, logical_batch_size=16)
 FINAL_RECIPES = (
     ("recipe", {"recipe": "auto"}),
@@ -150,22 +151,13 @@ GRID = (
     # warmup on the recipe's batch (3 of its 9 steps), and the batch doubled again: batch 128 over 4 epochs is
     # the same 9 steps with sigma 1.11 at epsilon 8 against batch 64's 0.80: 115 rows per unit of noise against 80
     dp("dp_b64_lr5e-3_2ep_freeze_a_warmup0.3", **B64_2EP | {"warmup_ratio": 0.3}, lora_freeze_a=True),
-    dp(
-        "dp_b128_lr5e-3_4ep_freeze_a",
-        **B64_2EP | {"logical_batch_size": 128, "num_train_epochs": 4},
-        lora_freeze_a=True,
-    ),
+    dp("dp_b128_lr5e-3_4ep_freeze_a", **B128_4EP, lora_freeze_a=True),
     # batch 128's 9 steps with the recipe's warmup, and with twice the learning rate: a batch carrying 115 rows
     # per unit of noise may take larger steps than batch 32, where lr 1e-2 diverged
-    dp(
-        "dp_b128_lr5e-3_4ep_freeze_a_warmup0.3",
-        **B64_2EP | {"logical_batch_size": 128, "num_train_epochs": 4, "warmup_ratio": 0.3},
-        lora_freeze_a=True,
-    ),
+    dp("dp_b128_lr5e-3_4ep_freeze_a_warmup0.3", **B128_4EP | {"warmup_ratio": 0.3}, lora_freeze_a=True),
     dp(
         "dp_b128_lr1e-2_4ep_freeze_a_warmup0.3",
-        **B64_2EP
-        | {"logical_batch_size": 128, "num_train_epochs": 4, "warmup_ratio": 0.3, "learning_rate": 1e-2},
+        **B128_4EP | {"warmup_ratio": 0.3, "learning_rate": 1e-2},
         lora_freeze_a=True,
     ),
     # the trainable dimension: rank 1 on q_proj and v_proj holds 46k weights against rank 8 everywhere's 1.9M,
