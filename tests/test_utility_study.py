@@ -119,6 +119,28 @@ def test_finals_run_the_recipe_and_the_best_nonprivate_configuration_over_seeds(
     assert (studied["root"] / "curve.png").stat().st_size > 0
 
 
+def test_retention_is_against_one_nonprivate_configuration_chosen_on_validation_never_an_average_of_two():
+    # a stage can hold two non-private configurations when the sweep's best changed after the first ran
+    def run(name, kind, seed, validation, test, stage="finals"):
+        return {"stage": stage, "name": name, "kind": kind, "seed": seed, "resolved": {}, "flags": {},
+                "n_train": 278, "steps": 9, "cpu_s": 60.0, "epsilon": 8.0 if kind == "dp" else None,
+                "validation_nll": validation, "test_nll": test}  # fmt: skip
+
+    results = [
+        run("base", "base", 0, 3.2, 3.3, stage="base"),
+        run("np_1ep", "nonprivate", 0, 2.80, 2.90),
+        run("np_1ep", "nonprivate", 1, 2.82, 2.92),
+        run("np_2ep", "nonprivate", 0, 2.70, 2.85),  # the better one on validation
+        run("np_2ep", "nonprivate", 1, 2.72, 2.87),
+        run("dp", "dp", 0, 3.0, 3.1),
+    ]
+    rows = {row["name"]: row for row in utility_study.summarise(results)}
+    # exact decimal inputs, two subtractions and one division: budget of a few ulps
+    assert rows["dp"]["retention"][0] == pytest.approx((3.3 - 3.1) / (3.3 - 2.86), rel=1e-12)
+    assert rows["np_2ep"]["retention"][0] == pytest.approx(1.0, rel=1e-12)
+    assert rows["np_1ep"]["retention"][0] < 1.0
+
+
 def test_cpu_budget_stops_new_runs_and_the_base_scoring_once_spent(tiny_model_dir, tmp_path, monkeypatch):
     run, lines = make_study(tiny_model_dir, tmp_path, monkeypatch)
     used = run("--stage", "sweep", "--jobs", "1", "--cpu_budget_minutes", "0.0001")
