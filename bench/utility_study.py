@@ -11,7 +11,7 @@ Contract
   sweep's best private configuration and the FINALISTS at its epsilon, and its best non-private
   configuration (lowest validation NLL), each with seeds 0, 1, 2; and the base model once. The test
   split's answer NLL is the reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
-- Stage `data` (the data lever): `--recipe auto` at the sweep's epsilon and the best non-private
+- Stage `data` (the data lever): `--recipe auto` at each final epsilon and the best non-private
   configuration on DATA_FRACTION of the training split (about 3x the rows), seed 0 each, on the finals'
   test cards; retention is against the base and this stage's own non-private run (the same N).
 - Stage `users` (user-level DP, issue #13), measured the same way on --user_dataset (the same cards, in
@@ -217,21 +217,18 @@ def user_configs(results: list[dict], s: "StudyArguments") -> list[Config]:
 
 
 def data_configs(results: list[dict]) -> list[Config]:
-    """The data lever: the recipe at the sweep's epsilon and the best non-private configuration on
+    """The data lever: the recipe at each final epsilon and the best non-private configuration on
     DATA_FRACTION of the training split instead of --train_sample_fraction; one seed each (CPU)."""
     best = best_nonprivate(results)
     if best is None:
         raise StudyError("the data stage needs the sweep's non-private runs: run --stage sweep first")
     more = {"train_sample_fraction": DATA_FRACTION}
     flags = {c.name: c.flags for c in GRID}[best] | more
-    return [
-        Config(
-            f"data{DATA_FRACTION:g}_recipe_eps{SWEEP_EPSILON:g}",
-            {"recipe": "auto", "epsilon": SWEEP_EPSILON} | more,
-            "data",
-        ),
-        Config(f"data{DATA_FRACTION:g}_{best}", flags, "data"),
+    recipes = [
+        Config(f"data{DATA_FRACTION:g}_recipe_eps{eps:g}", {"recipe": "auto", "epsilon": eps} | more, "data")
+        for eps in FINAL_EPSILONS
     ]
+    return recipes + [Config(f"data{DATA_FRACTION:g}_{best}", flags, "data")]
 
 
 def best_of(results: list[dict], kind: str) -> str | None:

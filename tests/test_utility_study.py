@@ -16,7 +16,8 @@ from utils import data, recipe
 DECLARED_GRID = utility_study.GRID
 DECLARED_RECIPES, DECLARED_USER_RECIPES = utility_study.FINAL_RECIPES, utility_study.USER_RECIPES
 DECLARED = {name: getattr(utility_study, name) for name in
-            ("GRID", "FINAL_RECIPES", "USER_RECIPES", "FINAL_EPSILONS", "FINAL_SEEDS", "FINALISTS")}  # fmt: skip
+            ("GRID", "FINAL_RECIPES", "USER_RECIPES", "FINAL_EPSILONS", "FINAL_SEEDS", "FINALISTS",
+             "DATA_FRACTION")}  # fmt: skip
 TINY_GRID = (
     utility_study.nonprivate("np_a", logical_batch_size=8, learning_rate=2e-3, max_steps=2),
     utility_study.nonprivate("np_b", logical_batch_size=8, learning_rate=5e-3, max_steps=2),
@@ -231,7 +232,7 @@ def test_every_sweep_entry_and_earlier_recipe_pins_the_recipe_levers_and_the_sha
         assert used <= set(config.flags), (config.name, used - set(config.flags))
 
 
-def test_finals_and_users_declare_every_recipe_at_every_epsilon_and_seed_with_its_flags(monkeypatch):
+def test_finals_users_and_data_declare_every_recipe_at_every_epsilon_and_seed_with_its_flags(monkeypatch):
     for name, value in DECLARED.items():  # the module's fixture holds its tiny study's patches meanwhile
         monkeypatch.setattr(utility_study, name, value)
     sweep = [{"stage": "sweep", "kind": "nonprivate", "name": "nonprivate_b16_lr2e-3", "validation_nll": 2.0},
@@ -254,6 +255,15 @@ def test_finals_and_users_declare_every_recipe_at_every_epsilon_and_seed_with_it
     for name, flags in DECLARED_USER_RECIPES:
         config = users[(f"user_{name}_eps8", 0)]
         assert config.flags["privacy_unit"] == "user" and flags.items() <= config.flags.items()
+    data = {c.name: c for c in utility_study.data_configs(sweep)}  # one seed each, on half the training split
+    share = {"train_sample_fraction": utility_study.DATA_FRACTION}
+    for eps in utility_study.FINAL_EPSILONS:
+        config = data[f"data0.5_recipe_eps{eps:g}"]
+        assert (config.stage, config.seed) == ("data", 0)
+        assert config.flags == {"recipe": "auto", "epsilon": eps} | share
+    reference = data["data0.5_nonprivate_b16_lr2e-3"]
+    assert reference.flags == {c.name: c.flags for c in DECLARED_GRID}["nonprivate_b16_lr2e-3"] | share
+    assert len(data) == len(utility_study.FINAL_EPSILONS) + 1
 
 
 def test_a_run_recorded_before_a_flag_existed_counts_as_trained_with_that_flags_default(studied, tmp_path):
