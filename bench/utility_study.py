@@ -592,7 +592,7 @@ def plot(rows: list[dict], path: Path) -> None:
             yerr=[100 * r["retention"][1] for r in points],
             marker=marker,
             capsize=4,
-            label=f"{label} ({points[0]['seeds']} seeds)",
+            label=f"{label} ({points[0]['seeds']} seed{'s' if points[0]['seeds'] != 1 else ''})",
         )
     ax.axhline(100, linestyle="--", color="tab:green", label="best non-private configuration")
     ax.axhline(0, linestyle="--", color="tab:grey", label="base model")
