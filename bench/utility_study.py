@@ -8,7 +8,8 @@ Contract
 - Stage `sweep` (GRID below): each configuration trains once (seed 0), at epsilon 8 for the private
   ones; selection is by the validation split's answer NLL (teacher forcing), never by the test split.
 - Stage `finals`: `--recipe auto` and the earlier auto recipes (FINAL_RECIPES) at epsilon 3 and 8, the
-  sweep's best private configuration and the FINALISTS at its epsilon, and its best non-private
+  sweep's best private configuration and the FINALISTS at its epsilon, the sweep's best private
+  configuration again at the other final epsilons (named `{name}_eps{epsilon}`), and its best non-private
   configuration (lowest validation NLL), each with seeds 0, 1, 2; and the base model once. The test
   split's answer NLL is the reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
 - Stage `data` (the data lever): `--recipe auto` at each final epsilon and the best non-private
@@ -45,6 +46,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -195,6 +197,13 @@ def final_configs(results: list[dict]) -> list[Config]:
     best_dp = best_of(results, "dp")
     for name in dict.fromkeys(([best_dp] if best_dp else []) + list(FINALISTS) + [best]):
         configs += [dataclasses.replace(grid[name], stage="finals", seed=seed) for seed in FINAL_SEEDS]
+    if best_dp:  # a candidate for the recipe must be measured where the recipe is: at every final epsilon
+        configs += [
+            Config(f"{best_dp}_eps{eps:g}", grid[best_dp].flags | {"epsilon": eps}, "finals", seed)
+            for eps in FINAL_EPSILONS
+            if eps != SWEEP_EPSILON
+            for seed in FINAL_SEEDS
+        ]
     return configs
 
 
@@ -554,14 +563,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Retention against epsilon, per privacy unit: each unit against its own split's base (0%) and
-    best non-private reference (100%), so both units share one axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_series(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(label, summary rows by epsilon) per line of the plot: each recipe per stage and unit, and each other
+    finals configuration, its runs at other epsilons (`{name}_eps{e}`) on its line."""
     series = [
         (label, sorted((r for r in rows if r["stage"] == stage and r["kind"] == "dp"
                         and r["name"].startswith(prefix) and r.get("retention")), key=lambda r: r["epsilon"]))
@@ -573,17 +577,37 @@ def plot(rows: list[dict], path: Path) -> None:
                                      ("users", "user_first_recipe_eps", "first auto recipe, user unit"),
                                      ("data", "data", f"--recipe auto, example unit, training share {DATA_FRACTION:g}"))
     ]  # fmt: skip
-    series += [
-        (f"{r['name']}, example unit", [r])
-        for r in rows
-        if r["stage"] == "finals"
-        and r["kind"] == "dp"
-        and not r["name"].startswith(tuple(f"{name}_eps" for name, _ in FINAL_RECIPES))  # on the lines above
-        and r.get("retention")
-    ]
-    series = [(label, points) for label, points in series if points]
+    by_configuration = {}  # a sweep configuration's finals, at the sweep's epsilon and as `{name}_eps{e}`
+    for r in rows:
+        if (
+            r["stage"] == "finals"
+            and r["kind"] == "dp"
+            and r.get("retention")
+            and not r["name"].startswith(tuple(f"{name}_eps" for name, _ in FINAL_RECIPES))
+        ):  # lines above
+            by_configuration.setdefault(re.sub(r"_eps[0-9.]+$", "", r["name"]), []).append(r)
+    series += [(f"{name}, example unit", sorted(points, key=lambda r: r["epsilon"]))
+               for name, points in by_configuration.items()]  # fmt: skip
+    return [(label, points) for label, points in series if points]
+
+
+def seed_counts(points: list[dict]) -> str:
+    """'3 seeds', '1 seed', or '1-3 seeds' for a line whose points have different seed counts."""
+    counts = sorted({r["seeds"] for r in points})
+    return f"{'-'.join(map(str, counts))} seed{'s' if counts[-1] != 1 else ''}"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Retention against epsilon, per privacy unit: each unit against its own split's base (0%) and
+    best non-private reference (100%), so both units share one axis."""
+    series = plot_series(rows)
     if not series:
         return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(9, 4))
     for (label, points), marker in zip(series, itertools.cycle(("o", "x", "s", "D", "^", "v", "P"))):
         ax.errorbar(
@@ -592,7 +616,7 @@ def plot(rows: list[dict], path: Path) -> None:
             yerr=[100 * r["retention"][1] for r in points],
             marker=marker,
             capsize=4,
-            label=f"{label} ({points[0]['seeds']} seed{'s' if points[0]['seeds'] != 1 else ''})",
+            label=f"{label} ({seed_counts(points)})",
         )
     ax.axhline(100, linestyle="--", color="tab:green", label="best non-private configuration")
     ax.axhline(0, linestyle="--", color="tab:grey", label="base model")

@@ -250,6 +250,12 @@ def test_finals_users_and_data_declare_every_recipe_at_every_epsilon_and_seed_wi
         == finals[("second_recipe_eps3", 1)].flags
     )
     assert {("dp_b32_lr5e-3", s) for s in utility_study.FINAL_SEEDS} <= set(finals)  # the sweep's best DP
+    best_dp_flags = {c.name: c.flags for c in DECLARED_GRID}["dp_b32_lr5e-3"]
+    assert finals[("dp_b32_lr5e-3", 0)].flags == best_dp_flags  # at the sweep's epsilon, 8
+    for eps in set(utility_study.FINAL_EPSILONS) - {utility_study.SWEEP_EPSILON}:  # and at the others: 3
+        for seed in utility_study.FINAL_SEEDS:
+            assert finals[(f"dp_b32_lr5e-3_eps{eps:g}", seed)].flags == best_dp_flags | {"epsilon": eps}
+    assert "dp_b32_lr5e-3_eps8" not in {name for name, _ in finals}  # not trained twice under two names
     study = utility_study.parse_args([]).study
     users = {(c.name, c.seed): c for c in utility_study.user_configs(sweep, study)}
     for name, flags in DECLARED_USER_RECIPES:
@@ -264,6 +270,26 @@ def test_finals_users_and_data_declare_every_recipe_at_every_epsilon_and_seed_wi
     reference = data["data0.5_nonprivate_b16_lr2e-3"]
     assert reference.flags == {c.name: c.flags for c in DECLARED_GRID}["nonprivate_b16_lr2e-3"] | share
     assert len(data) == len(utility_study.FINAL_EPSILONS) + 1
+
+
+def test_plot_draws_a_configurations_runs_at_each_epsilon_on_one_line_and_each_recipe_on_its_own():
+    def row(name, epsilon, seeds=3, stage="finals"):
+        return {"stage": stage, "kind": "dp", "name": name, "epsilon": epsilon, "seeds": seeds,
+                "retention": (0.5, 0.01)}  # fmt: skip
+
+    rows = [row("dp_b256_eps3", 2.99, seeds=1), row("recipe_eps8", 7.99), row("dp_b256", 8.0),
+            row("recipe_eps3", 2.99), row("dp_b32_freeze_a", 8.0), row("data0.5_recipe_eps8", 7.99, 1, "data"),
+            dict(row("dp_unscored", 8.0), retention=None)]  # fmt: skip
+    series = {label: [(r["name"], r["epsilon"]) for r in points] for label, points in
+              utility_study.plot_series(rows)}  # fmt: skip
+    assert series == {
+        "--recipe auto, example unit (one row)": [("recipe_eps3", 2.99), ("recipe_eps8", 7.99)],
+        "--recipe auto, example unit, training share 0.5": [("data0.5_recipe_eps8", 7.99)],
+        "dp_b256, example unit": [("dp_b256_eps3", 2.99), ("dp_b256", 8.0)],
+        "dp_b32_freeze_a, example unit": [("dp_b32_freeze_a", 8.0)],
+    }
+    assert [utility_study.seed_counts(p) for p in ([rows[0], rows[2]], [rows[1]], [rows[5]])] == [
+        "1-3 seeds", "3 seeds", "1 seed"]  # fmt: skip
 
 
 def test_a_run_recorded_before_a_flag_existed_counts_as_trained_with_that_flags_default(studied, tmp_path):
