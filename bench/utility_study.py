@@ -578,13 +578,14 @@ def plot_series(rows: list[dict]) -> list[tuple[str, list[dict]]]:
                                      ("data", "data", f"--recipe auto, example unit, training share {DATA_FRACTION:g}"))
     ]  # fmt: skip
     by_configuration = {}  # a sweep configuration's finals, at the sweep's epsilon and as `{name}_eps{e}`
+    recipes = tuple(f"{name}_eps" for name, _ in FINAL_RECIPES)  # each on its own line above
     for r in rows:
         if (
             r["stage"] == "finals"
             and r["kind"] == "dp"
             and r.get("retention")
-            and not r["name"].startswith(tuple(f"{name}_eps" for name, _ in FINAL_RECIPES))
-        ):  # lines above
+            and not r["name"].startswith(recipes)
+        ):
             by_configuration.setdefault(re.sub(r"_eps[0-9.]+$", "", r["name"]), []).append(r)
     series += [(f"{name}, example unit", sorted(points, key=lambda r: r["epsilon"]))
                for name, points in by_configuration.items()]  # fmt: skip
