@@ -250,7 +250,8 @@ def test_finals_users_and_data_declare_every_recipe_at_every_epsilon_and_seed_wi
         == finals[("second_recipe_eps3", 1)].flags
     )
     assert {("dp_b32_lr5e-3", s) for s in utility_study.FINAL_SEEDS} <= set(finals)  # the sweep's best DP
-    best_dp_flags = {c.name: c.flags for c in DECLARED_GRID}["dp_b32_lr5e-3"]
+    declared_flags = {c.name: c.flags for c in DECLARED_GRID}
+    best_dp_flags = declared_flags["dp_b32_lr5e-3"]
     assert finals[("dp_b32_lr5e-3", 0)].flags == best_dp_flags  # at the sweep's epsilon, 8
     for eps in set(utility_study.FINAL_EPSILONS) - {utility_study.SWEEP_EPSILON}:  # and at the others: 3
         for seed in utility_study.FINAL_SEEDS:
@@ -268,7 +269,7 @@ def test_finals_users_and_data_declare_every_recipe_at_every_epsilon_and_seed_wi
         assert (config.stage, config.seed) == ("data", 0)
         assert config.flags == {"recipe": "auto", "epsilon": eps} | share
     reference = data["data0.5_nonprivate_b16_lr2e-3"]
-    assert reference.flags == {c.name: c.flags for c in DECLARED_GRID}["nonprivate_b16_lr2e-3"] | share
+    assert reference.flags == declared_flags["nonprivate_b16_lr2e-3"] | share
     assert len(data) == len(utility_study.FINAL_EPSILONS) + 1
 
 
