@@ -13,8 +13,8 @@ Contract
   configuration (lowest validation NLL), each with seeds 0, 1, 2; and the base model once. The test
   split's answer NLL is the reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
 - Stage `data` (the data lever): `--recipe auto` at each final epsilon and the best non-private
-  configuration on DATA_FRACTION of the training split (about 3x the rows), seed 0 each, on the finals'
-  test cards; retention is against the base and this stage's own non-private run (the same N).
+  configuration on DATA_FRACTION of the training split (about 3x the rows), seeds 0, 1, 2 each, on the
+  finals' test cards; retention is against the base and this stage's own non-private run (the same N).
 - Stage `users` (user-level DP, issue #13), measured the same way on --user_dataset (the same cards, in
   students): `--privacy_unit user` with `--recipe auto` and with the first auto recipe at epsilon 3 and 8,
   and the best non-private configuration (example unit), seeds 0, 1, 2, and the base model, all with
@@ -227,17 +227,24 @@ def user_configs(results: list[dict], s: "StudyArguments") -> list[Config]:
 
 def data_configs(results: list[dict]) -> list[Config]:
     """The data lever: the recipe at each final epsilon and the best non-private configuration on
-    DATA_FRACTION of the training split instead of --train_sample_fraction; one seed each (CPU)."""
+    DATA_FRACTION of the training split instead of --train_sample_fraction; seeds 0, 1, 2 each, in that
+    order, so that a CPU budget that stops early leaves every configuration with its first seeds."""
     best = best_nonprivate(results)
     if best is None:
         raise StudyError("the data stage needs the sweep's non-private runs: run --stage sweep first")
     more = {"train_sample_fraction": DATA_FRACTION}
     flags = {c.name: c.flags for c in GRID}[best] | more
     recipes = [
-        Config(f"data{DATA_FRACTION:g}_recipe_eps{eps:g}", {"recipe": "auto", "epsilon": eps} | more, "data")
+        Config(
+            f"data{DATA_FRACTION:g}_recipe_eps{eps:g}",
+            {"recipe": "auto", "epsilon": eps} | more,
+            "data",
+            seed,
+        )
         for eps in FINAL_EPSILONS
+        for seed in FINAL_SEEDS
     ]
-    return recipes + [Config(f"data{DATA_FRACTION:g}_{best}", flags, "data")]
+    return recipes + [Config(f"data{DATA_FRACTION:g}_{best}", flags, "data", seed) for seed in FINAL_SEEDS]
 
 
 def best_of(results: list[dict], kind: str) -> str | None:
@@ -666,11 +673,10 @@ def main(args) -> dict:
         "data": lambda: data_configs(finished_before),
         "users": lambda: user_configs(finished_before, s),
     }[s.stage]()
-    unknown = sorted(set(s.configs) - {c.name for c in configs})
+    declared = list(dict.fromkeys(c.name for c in configs))  # a name per configuration, not per seed
+    unknown = sorted(set(s.configs) - set(declared))
     if unknown:
-        raise StudyError(
-            f"--configs: no {', '.join(unknown)} in stage {s.stage} ({', '.join(c.name for c in configs)})"
-        )
+        raise StudyError(f"--configs: no {', '.join(unknown)} in stage {s.stage} ({', '.join(declared)})")
     todo = [
         c for c in configs if (c.stage, c.name, c.seed) not in done and (not s.configs or c.name in s.configs)
     ]

@@ -262,15 +262,18 @@ def test_finals_users_and_data_declare_every_recipe_at_every_epsilon_and_seed_wi
     for name, flags in DECLARED_USER_RECIPES:
         config = users[(f"user_{name}_eps8", 0)]
         assert config.flags["privacy_unit"] == "user" and flags.items() <= config.flags.items()
-    data = {c.name: c for c in utility_study.data_configs(sweep)}  # one seed each, on half the training split
+    data = {(c.name, c.seed): c for c in utility_study.data_configs(sweep)}  # on half the training split
     share = {"train_sample_fraction": utility_study.DATA_FRACTION}
-    for eps in utility_study.FINAL_EPSILONS:
-        config = data[f"data0.5_recipe_eps{eps:g}"]
-        assert (config.stage, config.seed) == ("data", 0)
-        assert config.flags == {"recipe": "auto", "epsilon": eps} | share
-    reference = data["data0.5_nonprivate_b16_lr2e-3"]
-    assert reference.flags == declared_flags["nonprivate_b16_lr2e-3"] | share
-    assert len(data) == len(utility_study.FINAL_EPSILONS) + 1
+    for seed in utility_study.FINAL_SEEDS:
+        for eps in utility_study.FINAL_EPSILONS:
+            config = data[(f"data0.5_recipe_eps{eps:g}", seed)]
+            assert config.stage == "data" and config.flags == {"recipe": "auto", "epsilon": eps} | share
+        reference = data[("data0.5_nonprivate_b16_lr2e-3", seed)]
+        assert reference.flags == declared_flags["nonprivate_b16_lr2e-3"] | share
+    assert len(data) == (len(utility_study.FINAL_EPSILONS) + 1) * len(utility_study.FINAL_SEEDS)
+    # seeds in order within each configuration: a budget that stops early leaves the first seeds run
+    order = [(c.name, c.seed) for c in utility_study.data_configs(sweep)]
+    assert order.index(("data0.5_recipe_eps3", 1)) < order.index(("data0.5_recipe_eps3", 2))
 
 
 def test_plot_draws_a_configurations_runs_at_each_epsilon_on_one_line_and_each_recipe_on_its_own():
@@ -304,3 +307,27 @@ def test_a_run_recorded_before_a_flag_existed_counts_as_trained_with_that_flags_
     args_file.write_text(json.dumps(args))
     assert utility_study.trained_with(old, row["flags"])
     assert not utility_study.trained_with(old, row["flags"] | {"optimizer": "sgd"})
+
+
+def test_an_unknown_configs_name_is_refused_naming_each_declared_configuration_once(tmp_path, monkeypatch):
+    for name, value in DECLARED.items():
+        monkeypatch.setattr(utility_study, name, value)
+    sweep = {
+        "stage": "sweep",
+        "kind": "nonprivate",
+        "name": "nonprivate_b16_lr2e-3",
+        "seed": 0,
+        "validation_nll": 2.0,
+    }
+    (tmp_path / "results.jsonl").write_text(json.dumps(sweep) + "\n")
+    args = utility_study.parse_args(
+        ["--stage", "data", "--configs", "no_such", "--results", str(tmp_path / "results.jsonl")]
+    )
+    with pytest.raises(utility_study.StudyError) as refused:
+        utility_study.main(args)
+    listed = str(refused.value).split("(", 1)[1].rstrip(")").split(", ")
+    assert listed == [
+        "data0.5_recipe_eps3",
+        "data0.5_recipe_eps8",
+        "data0.5_nonprivate_b16_lr2e-3",
+    ]  # 3 seeds each
