@@ -12,15 +12,16 @@ Contract
   configuration again at the other final epsilons (named `{name}_eps{epsilon}`), and its best non-private
   configuration (lowest validation NLL), each with seeds 0, 1, 2; and the base model once. The test
   split's answer NLL is the reported metric; retention = (base NLL - NLL) / (base NLL - best non-private NLL), per seed.
-- Stage `data` (the data lever): `--recipe auto` at each final epsilon and the best non-private
-  configuration on DATA_FRACTION of the training split (about 3x the rows), seeds 0, 1, 2 each, on the
-  finals' test cards; retention is against the base and this stage's own non-private run (the same N).
+- Stage `data` (the data lever): `--recipe auto` and the fourth auto recipe (DATA_RECIPES) at each final
+  epsilon and the best non-private configuration on DATA_FRACTION of the training split (about 3x the
+  rows), seeds 0, 1, 2 each, on the finals' test cards; retention is against the base and this stage's own
+  non-private run (the same N).
 - Stage `users` (user-level DP, issue #13), measured the same way on --user_dataset (the same cards, in
-  students): `--privacy_unit user` with `--recipe auto` and with the first auto recipe at epsilon 3 and 8,
-  and the best non-private configuration (example unit), seeds 0, 1, 2, and the base model, all with
-  --user_column: the split hashes the student id (USER_SPLIT: 240 test cards of 29 students held out),
-  and --train_sample_fraction keeps students. Its retention is against its own base and non-private
-  reference on its own test split.
+  students): `--privacy_unit user` with `--recipe auto` and the earlier auto recipes (USER_RECIPES) at
+  epsilon 3 and 8, and the best non-private configuration (example unit), seeds 0, 1, 2, and the base
+  model, all with --user_column: the split hashes the student id (USER_SPLIT: 240 test cards of 29
+  students held out), and --train_sample_fraction keeps students. Its retention is against its own base
+  and non-private reference on its own test split.
 - Validation NLL: the training run's final evaluation. Test NLL (all but the sweep): evaluate_qa.py
   --nll_only. A finished run appends one JSON line to --results (name, seed, stage, flags, epsilon,
   steps, N, validation and test NLL, CPU seconds); a rerun skips every (stage, name, seed) already
@@ -78,9 +79,9 @@ SWEEP_EPSILON = 8.0
 FINAL_EPSILONS = (3.0, 8.0)
 FINAL_SEEDS = (0, 1, 2)
 # The earlier auto recipes, as explicit flags at the finals' N = 278 rows (and the users stage's N = 43
-# students), measured beside today's: the first (batch 2 sqrt(N), one epoch, lr 5e-3, C = 1, A trained), the
-# second (batch 4 sqrt(N) over 2 epochs, A frozen), both warmed up over 5% of the steps, and the third (the
-# second warmed up over 30%)
+# students, the data stage's 913 rows), measured beside today's: the first (batch 2 sqrt(N), one epoch,
+# lr 5e-3, C = 1, A trained), the second (batch 4 sqrt(N) over 2 epochs, A frozen), both warmed up over 5% of
+# the steps, the third (the second warmed up over 30%) and the fourth (batch 8 sqrt(N) over 4 epochs)
 B32 = {"logical_batch_size": 32, "learning_rate": 5e-3, "max_grad_norm": 1.0, "warmup_ratio": 0.05}
 FIRST_RECIPE = B32 | {"num_train_epochs": 1, "lora_freeze_a": False}
 B64_2EP = B32 | {"logical_batch_size": 64, "num_train_epochs": 2}  # twice the batch over twice the epochs
@@ -88,18 +89,29 @@ SECOND_RECIPE = B64_2EP | {"lora_freeze_a": True}
 THIRD_RECIPE = SECOND_RECIPE | {"warmup_ratio": 0.3}
 B128_4EP = B64_2EP | {"logical_batch_size": 128, "num_train_epochs": 4}  # twice again: the same 9 steps
 B256_8EP = B128_4EP | {"logical_batch_size": 256, "num_train_epochs": 8}  # the last doubling N = 278 allows
+FOURTH_RECIPE = B128_4EP | {"lora_freeze_a": True, "warmup_ratio": 0.3}
 FIRST_USER_RECIPE = dict(FIRST_RECIPE, logical_batch_size=16)
+FOURTH_USER_RECIPE = dict(FOURTH_RECIPE, logical_batch_size=32)  # 8 sqrt(43) rounds to 64, kept below N = 43
 FINAL_RECIPES = (
     ("recipe", {"recipe": "auto"}),
+    ("fourth_recipe", FOURTH_RECIPE),
     ("third_recipe", THIRD_RECIPE),
     ("second_recipe", SECOND_RECIPE),
     ("first_recipe", FIRST_RECIPE),
 )
-USER_RECIPES = (("recipe", {"recipe": "auto"}), ("first_recipe", FIRST_USER_RECIPE))
+USER_RECIPES = (
+    ("recipe", {"recipe": "auto"}),
+    ("fourth_recipe", FOURTH_USER_RECIPE),
+    ("first_recipe", FIRST_USER_RECIPE),
+)
 # private sweep configurations the finals measure besides the sweep's best: the best of an earlier sweep
 FINALISTS = ("dp_b32_lr5e-3_freeze_a",)
-# stage data: the same test and validation cards, a larger share of the training split (about 930 rows)
+# stage data: the same test and validation cards, a larger share of the training split (913 rows)
 DATA_FRACTION = 0.5
+DATA_RECIPES = (
+    ("recipe", {"recipe": "auto"}),
+    ("fourth_recipe", dict(FOURTH_RECIPE, logical_batch_size=256)),  # 8 sqrt(913) = 242 rounds to 256
+)
 
 
 @dataclass(frozen=True)
@@ -226,7 +238,7 @@ def user_configs(results: list[dict], s: "StudyArguments") -> list[Config]:
 
 
 def data_configs(results: list[dict]) -> list[Config]:
-    """The data lever: the recipe at each final epsilon and the best non-private configuration on
+    """The data lever: the recipes at each final epsilon and the best non-private configuration on
     DATA_FRACTION of the training split instead of --train_sample_fraction; seeds 0, 1, 2 each, in that
     order, so that a CPU budget that stops early leaves every configuration with its first seeds."""
     best = best_nonprivate(results)
@@ -235,12 +247,8 @@ def data_configs(results: list[dict]) -> list[Config]:
     more = {"train_sample_fraction": DATA_FRACTION}
     flags = {c.name: c.flags for c in GRID}[best] | more
     recipes = [
-        Config(
-            f"data{DATA_FRACTION:g}_recipe_eps{eps:g}",
-            {"recipe": "auto", "epsilon": eps} | more,
-            "data",
-            seed,
-        )
+        Config(f"data{DATA_FRACTION:g}_{name}_eps{eps:g}", flags | {"epsilon": eps} | more, "data", seed)
+        for name, flags in DATA_RECIPES
         for eps in FINAL_EPSILONS
         for seed in FINAL_SEEDS
     ]
@@ -573,19 +581,26 @@ def format_table(rows: list[dict]) -> str:
 def plot_series(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     """(label, summary rows by epsilon) per line of the plot: each recipe per stage and unit, and each other
     finals configuration, its runs at other epsilons (`{name}_eps{e}`) on its line."""
+    share = f"training share {DATA_FRACTION:g}"
+    lines = (  # (stage, name prefix, label)
+        ("finals", "recipe_eps", "--recipe auto, example unit (one row)"),
+        ("finals", "fourth_recipe_eps", "fourth auto recipe (batch 8 sqrt N), example unit"),
+        ("finals", "third_recipe_eps", "third auto recipe (batch 4 sqrt N), example unit"),
+        ("finals", "second_recipe_eps", "second auto recipe (5% warmup), example unit"),
+        ("finals", "first_recipe_eps", "first auto recipe, example unit"),
+        ("users", "user_recipe_eps", "--recipe auto, user unit (one student)"),
+        ("users", "user_fourth_recipe_eps", "fourth auto recipe, user unit"),
+        ("users", "user_first_recipe_eps", "first auto recipe, user unit"),
+        ("data", f"data{DATA_FRACTION:g}_recipe_eps", f"--recipe auto, example unit, {share}"),
+        ("data", f"data{DATA_FRACTION:g}_fourth_recipe_eps", f"fourth auto recipe, example unit, {share}"),
+    )
     series = [
         (label, sorted((r for r in rows if r["stage"] == stage and r["kind"] == "dp"
                         and r["name"].startswith(prefix) and r.get("retention")), key=lambda r: r["epsilon"]))
-        for stage, prefix, label in (("finals", "recipe_eps", "--recipe auto, example unit (one row)"),
-                                     ("finals", "third_recipe_eps", "third auto recipe (batch 4 sqrt N), example unit"),
-                                     ("finals", "second_recipe_eps", "second auto recipe (5% warmup), example unit"),
-                                     ("finals", "first_recipe_eps", "first auto recipe, example unit"),
-                                     ("users", "user_recipe_eps", "--recipe auto, user unit (one student)"),
-                                     ("users", "user_first_recipe_eps", "first auto recipe, user unit"),
-                                     ("data", "data", f"--recipe auto, example unit, training share {DATA_FRACTION:g}"))
+        for stage, prefix, label in lines
     ]  # fmt: skip
     by_configuration = {}  # a sweep configuration's finals, at the sweep's epsilon and as `{name}_eps{e}`
-    recipes = tuple(f"{name}_eps" for name, _ in FINAL_RECIPES)  # each on its own line above
+    recipes = tuple(prefix for stage, prefix, _ in lines if stage == "finals")  # each on its own line above
     for r in rows:
         if (
             r["stage"] == "finals"

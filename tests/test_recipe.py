@@ -39,17 +39,18 @@ def test_explicit_levers_always_win_over_either_recipe():
         assert partly["logical_batch_size"] == recipe.resolve(name, UNSET, 1000, 3.0)["logical_batch_size"]
 
 
-def test_auto_dp_batch_is_the_power_of_two_nearest_8_sqrt_n_within_bounds_over_4_epochs():
-    # the study's best noise-batch ratio (batch 128 over 4 epochs at N = 278), and the README's scaling rows
+def test_auto_dp_batch_is_the_power_of_two_nearest_16_sqrt_n_within_bounds_over_8_epochs():
+    # the study's best noise-batch ratio (batch 256 over 8 epochs at N = 278), and the README's scaling rows
     for n, batch in (
-        (278, 128),
-        (1853, 256),
-        (4000, 512),
+        (278, 256),
+        (913, 512),
+        (1853, 512),
+        (2100, recipe.MAX_BATCH),
         (30500, recipe.MAX_BATCH),
         (10**6, recipe.MAX_BATCH),
     ):
         levers = recipe.resolve("auto", UNSET, n, 8.0)
-        assert (levers["logical_batch_size"], levers["num_train_epochs"]) == (batch, 4.0), n
+        assert (levers["logical_batch_size"], levers["num_train_epochs"]) == (batch, 8.0), n
 
 
 def test_fixed_recipe_is_the_first_versions_constants():

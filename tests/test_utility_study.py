@@ -15,9 +15,10 @@ from utils import data, recipe
 # the study's own declarations: the fixtures below swap in tiny ones
 DECLARED_GRID = utility_study.GRID
 DECLARED_RECIPES, DECLARED_USER_RECIPES = utility_study.FINAL_RECIPES, utility_study.USER_RECIPES
+DECLARED_DATA_RECIPES = utility_study.DATA_RECIPES
 DECLARED = {name: getattr(utility_study, name) for name in
-            ("GRID", "FINAL_RECIPES", "USER_RECIPES", "FINAL_EPSILONS", "FINAL_SEEDS", "FINALISTS",
-             "DATA_FRACTION")}  # fmt: skip
+            ("GRID", "FINAL_RECIPES", "USER_RECIPES", "DATA_RECIPES", "FINAL_EPSILONS", "FINAL_SEEDS",
+             "FINALISTS", "DATA_FRACTION")}  # fmt: skip
 TINY_GRID = (
     utility_study.nonprivate("np_a", logical_batch_size=8, learning_rate=2e-3, max_steps=2),
     utility_study.nonprivate("np_b", logical_batch_size=8, learning_rate=5e-3, max_steps=2),
@@ -35,6 +36,7 @@ def make_study(model_dir, root, monkeypatch):
     # study trains today's recipe only
     monkeypatch.setattr(utility_study, "FINAL_RECIPES", utility_study.FINAL_RECIPES[:1])
     monkeypatch.setattr(utility_study, "USER_RECIPES", utility_study.USER_RECIPES[:1])
+    monkeypatch.setattr(utility_study, "DATA_RECIPES", utility_study.DATA_RECIPES[:1])
     monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, per_device_train_batch_size=8))
     cards = write_cards(root / "cards.jsonl", bundled_cards()[:80])
 
@@ -224,9 +226,10 @@ def test_data_stage_trains_the_recipe_and_its_reference_on_its_own_share_against
 def test_every_sweep_entry_and_earlier_recipe_pins_the_recipe_levers_and_the_shared_flags_set_none():
     # a flag shared by every run would override the recipe's own choice in the finals
     assert not (set(utility_study.COMMON) | set(utility_study.SPLIT)) & set(recipe.LEVERS)
-    declared = DECLARED_RECIPES + DECLARED_USER_RECIPES
+    declared = DECLARED_RECIPES + DECLARED_USER_RECIPES + DECLARED_DATA_RECIPES
     earlier = [utility_study.Config(name, flags) for name, flags in declared if "recipe" not in flags]
-    assert len(earlier) == 4  # the first, second and third recipes, and the first at user level
+    # the first four recipes, the first and fourth at user level, and the fourth on the data stage's rows
+    assert len(earlier) == 7
     for config in DECLARED_GRID + tuple(earlier):
         used = set(recipe.LEVERS) - (set() if config.private else {"max_grad_norm"})
         assert used <= set(config.flags), (config.name, used - set(config.flags))
@@ -249,8 +252,16 @@ def test_finals_users_and_data_declare_every_recipe_at_every_epsilon_and_seed_wi
         finals[("third_recipe_eps3", 1)].flags | {"warmup_ratio": 0.05}
         == finals[("second_recipe_eps3", 1)].flags
     )
-    assert {("dp_b32_lr5e-3", s) for s in utility_study.FINAL_SEEDS} <= set(finals)  # the sweep's best DP
+    fourth = finals[("fourth_recipe_eps3", 0)].flags  # the third's batch and epochs doubled
+    assert (
+        fourth | {"logical_batch_size": 64, "num_train_epochs": 2} == finals[("third_recipe_eps3", 0)].flags
+    )
+    # today's recipe at the finals' N = 278 takes the levers of the sweep's best private configuration
     declared_flags = {c.name: c.flags for c in DECLARED_GRID}
+    batch_256 = declared_flags["dp_b256_lr5e-3_8ep_freeze_a_warmup0.3"]
+    today = recipe.resolve("auto", dict.fromkeys(recipe.LEVERS), 278, utility_study.SWEEP_EPSILON)
+    assert today == {lever: batch_256[lever] for lever in recipe.LEVERS}
+    assert {("dp_b32_lr5e-3", s) for s in utility_study.FINAL_SEEDS} <= set(finals)  # the sweep's best DP
     best_dp_flags = declared_flags["dp_b32_lr5e-3"]
     assert finals[("dp_b32_lr5e-3", 0)].flags == best_dp_flags  # at the sweep's epsilon, 8
     for eps in set(utility_study.FINAL_EPSILONS) - {utility_study.SWEEP_EPSILON}:  # and at the others: 3
@@ -265,12 +276,15 @@ def test_finals_users_and_data_declare_every_recipe_at_every_epsilon_and_seed_wi
     data = {(c.name, c.seed): c for c in utility_study.data_configs(sweep)}  # on half the training split
     share = {"train_sample_fraction": utility_study.DATA_FRACTION}
     for seed in utility_study.FINAL_SEEDS:
-        for eps in utility_study.FINAL_EPSILONS:
-            config = data[(f"data0.5_recipe_eps{eps:g}", seed)]
-            assert config.stage == "data" and config.flags == {"recipe": "auto", "epsilon": eps} | share
+        for name, flags in DECLARED_DATA_RECIPES:
+            for eps in utility_study.FINAL_EPSILONS:
+                config = data[(f"data0.5_{name}_eps{eps:g}", seed)]
+                assert config.stage == "data" and config.flags == flags | {"epsilon": eps} | share
         reference = data[("data0.5_nonprivate_b16_lr2e-3", seed)]
         assert reference.flags == declared_flags["nonprivate_b16_lr2e-3"] | share
-    assert len(data) == (len(utility_study.FINAL_EPSILONS) + 1) * len(utility_study.FINAL_SEEDS)
+    assert data[("data0.5_fourth_recipe_eps3", 0)].flags["logical_batch_size"] == 256  # 8 sqrt(913), rounded
+    per_seed = len(utility_study.FINAL_EPSILONS) * len(DECLARED_DATA_RECIPES) + 1
+    assert len(data) == per_seed * len(utility_study.FINAL_SEEDS)
     # seeds in order within each configuration: a budget that stops early leaves the first seeds run
     order = [(c.name, c.seed) for c in utility_study.data_configs(sweep)]
     assert order.index(("data0.5_recipe_eps3", 1)) < order.index(("data0.5_recipe_eps3", 2))
@@ -283,12 +297,15 @@ def test_plot_draws_a_configurations_runs_at_each_epsilon_on_one_line_and_each_r
 
     rows = [row("dp_b256_eps3", 2.99, seeds=1), row("recipe_eps8", 7.99), row("dp_b256", 8.0),
             row("recipe_eps3", 2.99), row("dp_b32_freeze_a", 8.0), row("data0.5_recipe_eps8", 7.99, 1, "data"),
-            dict(row("dp_unscored", 8.0), retention=None)]  # fmt: skip
+            dict(row("dp_unscored", 8.0), retention=None), row("fourth_recipe_eps8", 7.99),
+            row("data0.5_fourth_recipe_eps3", 2.99, 2, "data")]  # fmt: skip
     series = {label: [(r["name"], r["epsilon"]) for r in points] for label, points in
               utility_study.plot_series(rows)}  # fmt: skip
     assert series == {
         "--recipe auto, example unit (one row)": [("recipe_eps3", 2.99), ("recipe_eps8", 7.99)],
+        "fourth auto recipe (batch 8 sqrt N), example unit": [("fourth_recipe_eps8", 7.99)],
         "--recipe auto, example unit, training share 0.5": [("data0.5_recipe_eps8", 7.99)],
+        "fourth auto recipe, example unit, training share 0.5": [("data0.5_fourth_recipe_eps3", 2.99)],
         "dp_b256, example unit": [("dp_b256_eps3", 2.99), ("dp_b256", 8.0)],
         "dp_b32_freeze_a, example unit": [("dp_b32_freeze_a", 8.0)],
     }
@@ -329,5 +346,7 @@ def test_an_unknown_configs_name_is_refused_naming_each_declared_configuration_o
     assert listed == [
         "data0.5_recipe_eps3",
         "data0.5_recipe_eps8",
+        "data0.5_fourth_recipe_eps3",
+        "data0.5_fourth_recipe_eps8",
         "data0.5_nonprivate_b16_lr2e-3",
     ]  # 3 seeds each

@@ -48,14 +48,16 @@ def auto_levers(n: int, epsilon: float | None) -> dict:
             "max_grad_norm": 1.0,
             "lora_freeze_a": False,
         }
-    # the noise-batch ratio: batch ~ 8 sqrt(N) over 4 epochs is sqrt(N) / 2 steps, each averaging the noise
-    # over four times the rows that 2 sqrt(N) over one epoch would; A frozen at its random init halves the
+    # the noise-batch ratio: batch ~ 16 sqrt(N) over 8 epochs is sqrt(N) / 2 steps, each averaging the noise
+    # over eight times the rows that 2 sqrt(N) over one epoch would; A frozen at its random init halves the
     # noised dimension and keeps the function class B spans; a warmup over the first 30% of the steps keeps
-    # AdamW's first, noise-dominated moment estimates from taking full-size steps
-    batch = min(MAX_BATCH, max(MIN_BATCH, power_of_two_near(8 * math.sqrt(n))))
+    # AdamW's first, noise-dominated moment estimates from taking full-size steps. Where a cap holds the batch
+    # (MAX_BATCH from N of about 8,200, or N itself), 8 epochs are more steps instead: not measured here; at
+    # small q the calibrated noise grows far slower than sqrt(steps) (README, "How it scales")
+    batch = min(MAX_BATCH, max(MIN_BATCH, power_of_two_near(16 * math.sqrt(n))))
     return {
         "logical_batch_size": batch,
-        "num_train_epochs": 4.0,
+        "num_train_epochs": 8.0,
         "learning_rate": 5e-3,
         "warmup_ratio": 0.3,
         "max_grad_norm": 1.0,
