@@ -31,6 +31,12 @@ Contract
 - CPU budget: the study starts no run once the CPU time of this invocation's runs passes
   --cpu_budget_minutes (a run in flight finishes), nor scores the base model. --jobs runs that many at
   once, one thread each.
+- Stopping: --stop_after_minutes (wall clock), SIGTERM or Ctrl-C stop the runs in flight and start no
+  other. Every run checkpoints after each step, so a stopped run, or one killed with the study, keeps its
+  last step's checkpoint, and the next invocation continues it from there when its flags are unchanged (a
+  seeded resume: the same adapters as an uninterrupted run). Its line counts the CPU of every segment,
+  steps redone after the stop included ({run}.segments.json beside the run); a segment killed from
+  outside with the study has no CPU figure, and the line counts such segments in segments_cpu_unknown.
 - Report: --table (markdown) and --plot (PNG: test NLL against epsilon, mean and seed spread),
   rewritten from the results file after every run, and by --report_only.
 
@@ -40,6 +46,8 @@ Run
     python bench/utility_study.py --stage data --jobs 2
     python bench/utility_study.py --stage users --jobs 2
     python bench/utility_study.py --report_only
+    python bench/utility_study.py --stage data --configs data0.5_recipe_eps3 --stop_after_minutes 100
+                                                  # a run longer than a sitting: the same command continues it
 """
 
 import dataclasses
@@ -48,6 +56,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,16 +71,15 @@ if str(REPO) not in sys.path:  # run as `python bench/utility_study.py` from any
     sys.path.insert(0, str(REPO))
 
 from utils import cli  # noqa: E402
-from utils.run_dir import RunDir, read_json  # noqa: E402
+from utils.run_dir import CHECKPOINT_RECORD, RunDir, read_json, write_json_atomic  # noqa: E402
 
 SPLIT = {"test_fraction": 0.1, "validation_fraction": 0.05, "split_seed": 0}
 COMMON = {
     "max_seq_length": 320,  # the longest bundled card (295 tokens) fits: none skipped
     "per_device_train_batch_size": 16,
     "eval_steps": 0,
-    "save_steps": 0,
     "report_to": "none",
-}
+}  # and --save_steps CHECKPOINT_EVERY (see train), which changes nothing that is trained
 # test 0.12 of the 294 students holds out 240 cards (29 students); 0.10 would hold out 164
 USER_SPLIT = {"test_fraction": 0.12, "validation_fraction": 0.05, "split_seed": 0}
 USER_COLUMN = "student_id"
@@ -269,6 +277,30 @@ class StudyError(cli.UserError):
     pass
 
 
+class ChildEnded(Exception):
+    """A child that did not finish: stopped on request (STOP), or failed; cpu_s is what it had spent."""
+
+    def __init__(self, message: str, cpu_s: float):
+        super().__init__(message)
+        self.cpu_s = cpu_s
+
+
+class StudyStopped(ChildEnded):
+    """Stopped on request (STOP): a training run keeps its last checkpoint and the next invocation continues it."""
+
+
+class ChildFailed(ChildEnded, StudyError):
+    pass
+
+
+# Set by --stop_after_minutes or SIGTERM/SIGINT: the runs in flight are stopped (each keeps its last checkpoint)
+# and no run starts.
+STOP = threading.Event()
+# Every run checkpoints after each step (a few MB of LoRA and optimizer state), so a stop or a crash loses at
+# most one step. A seeded resume replays the same draws and noise: the adapters equal an uninterrupted run's.
+CHECKPOINT_EVERY = 1
+
+
 @dataclass
 class StudyArguments:
     stage: str = field(
@@ -297,6 +329,12 @@ class StudyArguments:
         default_factory=list, metadata={"help": "run only these configurations of the stage (default: all)"}
     )
     report_only: bool = field(default=False, metadata={"help": "rewrite the table and plot, train nothing"})
+    stop_after_minutes: float = field(
+        default=0.0,
+        metadata={
+            "help": "stop the runs in flight after this many wall minutes, to be continued (0 = never)"
+        },
+    )
 
 
 GROUPS = {"study": StudyArguments}
@@ -316,6 +354,8 @@ def validate_args(args) -> None:
         problems.append(f"--jobs must be >= 1, got {s.jobs}")
     if s.cpu_budget_minutes <= 0:
         problems.append(f"--cpu_budget_minutes must be > 0, got {s.cpu_budget_minutes}")
+    if s.stop_after_minutes < 0:
+        problems.append(f"--stop_after_minutes must be >= 0, got {s.stop_after_minutes}")
     if problems:
         raise cli.ArgumentErrors(problems)
 
@@ -349,17 +389,30 @@ def flag_list(flags: dict) -> list[str]:
 class ChildCPU:
     """CPU seconds of finished children, per thread: RUSAGE_CHILDREN would mix concurrent runs."""
 
+    POLL_S = 0.2  # how soon a finished child is reaped, and a STOP reaches a running one
+
     @staticmethod
     def run(command: list[str], log_path: Path) -> float:
+        """The finished child's CPU seconds; ChildFailed or StudyStopped (with the CPU spent) otherwise."""
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(child.pid, 0)
+            while True:
+                pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+                if pid:
+                    break
+                if STOP.wait(ChildCPU.POLL_S):
+                    child.terminate()  # a checkpoint is one atomic directory: a kill never leaves half of one
+                    _, status, usage = os.wait4(child.pid, 0)
+                    break
+        cpu = usage.ru_utime + usage.ru_stime
         if os.waitstatus_to_exitcode(status) != 0:
+            if STOP.is_set():
+                raise StudyStopped(f"{command[1]} stopped (log {log_path})", cpu)
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise StudyError(f"{command[1]} failed (log {log_path}): {tail[0]}")
-        return usage.ru_utime + usage.ru_stime
+            raise ChildFailed(f"{command[1]} failed (log {log_path}): {tail[0]}", cpu)
+        return cpu
 
 
 def nll_of(run_dir: Path, split: str, base: bool = False) -> tuple[float, float]:
@@ -386,7 +439,8 @@ def run_flags(config: Config, s: StudyArguments) -> dict:
     return {**common, **config.flags, "seed": config.seed}
 
 
-IGNORED = ("output_dir", "overwrite_output_dir")
+# where a run is written, and how it is checkpointed and continued: none of them changes what it trains
+IGNORED = ("output_dir", "overwrite_output_dir", "save_steps", "resume_from_checkpoint")
 
 
 @functools.cache
@@ -405,14 +459,22 @@ def trained_with(run_dir: Path, flags: dict) -> bool:
     the run's args.json lacks was added after it ran, and a new flag's default keeps the old behaviour
     (--optimizer adamw was the only update): the run counts as trained with that default.
     """
+    run = RunDir(run_dir)
+    if not run.results_file.is_file():
+        return False
+    data = read_json(run.results_file)["data"]
+    return started_with(run, flags, n_train=data["n_train"], n_users=data.get("n_train_users"))
+
+
+def started_with(run: RunDir, flags: dict, n_train: int, n_users: int | None) -> bool:
+    """Did the run in `run` start with exactly these flags, its N being n_train rows or n_users users?
+    (trained_with's comparison, for a finished run or one stopped at a checkpoint)"""
     from utils import recipe, train_args
 
-    run = RunDir(run_dir)
-    if not (run.results_file.is_file() and run.args_file.is_file()):
+    if not run.args_file.is_file():
         return False
     parsed = train_args.parse_args(flag_list(flags))
-    data = read_json(run.results_file)["data"]
-    n = data.get("n_train_users") if parsed.privacy.privacy_unit == "user" else data["n_train"]
+    n = n_users if parsed.privacy.privacy_unit == "user" else n_train
     if n is None:  # a user-level configuration, and a run that counted no users
         return False
     recipe.apply(parsed, n)
@@ -426,19 +488,57 @@ def trained_with(run_dir: Path, flags: dict) -> bool:
     )
 
 
+def segments_file(run_dir: Path) -> Path:
+    """The CPU and wall seconds of each process that trained run_dir, beside it (a name may hold a dot)."""
+    return run_dir.parent / f"{run_dir.name}.segments.json"
+
+
+def train(run_dir: Path, flags: dict) -> list[dict]:
+    """Train run_dir with these flags, continuing from its last checkpoint an unfinished run started with
+    the same flags (stopped, or killed), else from scratch: every segment of the run, this one last.
+
+    A segment ended from outside (the study killed with it) is kept with cpu_s None: its CPU is unknown."""
+    run, segments_path = RunDir(run_dir), segments_file(run_dir)
+    checkpoint = None if run.results_file.is_file() else run.latest_checkpoint()
+    if checkpoint is not None:
+        saved = read_json(checkpoint / CHECKPOINT_RECORD)
+        if not started_with(run, flags, n_train=saved["n_train"], n_users=saved.get("n_users")):
+            checkpoint = None
+    segments = read_json(segments_path)["segments"] if checkpoint and segments_path.is_file() else []
+    from_step = read_json(checkpoint / CHECKPOINT_RECORD)["steps_taken"] if checkpoint else 0
+    segments.append({"from_step": from_step, "cpu_s": None, "wall_s": None})
+    write_json_atomic(segments_path, {"segments": segments})
+    continued = {"resume_from_checkpoint": "latest"} if checkpoint else {"overwrite_output_dir": True}
+    argv = flag_list(dict(flags, output_dir=str(run_dir), save_steps=CHECKPOINT_EVERY, **continued))
+    start = time.time()
+    try:
+        cpu = ChildCPU.run(
+            [sys.executable, "train_dp_lora.py", *argv], run_dir.parent / f"{run_dir.name}.log"
+        )
+    except ChildEnded as ended:
+        segments[-1].update(cpu_s=round(ended.cpu_s, 1), wall_s=round(time.time() - start, 1))
+        write_json_atomic(segments_path, {"segments": segments})
+        raise
+    segments[-1].update(cpu_s=round(cpu, 1), wall_s=round(time.time() - start, 1))
+    write_json_atomic(segments_path, {"segments": segments})
+    return segments
+
+
 def train_and_score(config: Config, s: StudyArguments) -> dict:
     run_dir = Path(s.runs_dir) / f"{config.name}_seed{config.seed}"
     flags = run_flags(config, s)
-    start = time.time()
     same = [d for d in sorted(Path(s.runs_dir).glob("*_seed*")) if d.is_dir() and trained_with(d, flags)]
-    trained_here = not same
-    if same:  # a finished run of exactly these flags (the sweep's, or an earlier invocation's): score it
-        run_dir, cpu = same[0], 0.0  # its training CPU is not counted again
+    trained_here = True
+    if same and same[0] == run_dir and segments_file(run_dir).is_file():
+        # this configuration's own run, trained by an invocation that stopped before it was scored
+        segments = read_json(segments_file(run_dir))["segments"]
+    elif same:  # a finished run of exactly these flags (the sweep's, or an earlier invocation's): score it
+        run_dir, segments, trained_here = same[0], [], False  # its training CPU is not counted again
     else:
-        argv = flag_list(dict(flags, output_dir=str(run_dir), overwrite_output_dir=True))
-        cpu = ChildCPU.run(
-            [sys.executable, "train_dp_lora.py", *argv], run_dir.parent / f"{run_dir.name}.log"
-        )  # a name may hold a dot
+        segments = train(run_dir, flags)
+    cpu = sum(segment["cpu_s"] or 0.0 for segment in segments)
+    wall = sum(segment["wall_s"] or 0.0 for segment in segments)
+    start = time.time()
     run = RunDir(run_dir)
     results, resolved = read_json(run.results_file), read_json(run.args_file)
     test_nll = None  # the sweep selects on validation only; the test split is scored for the finals
@@ -447,8 +547,10 @@ def train_and_score(config: Config, s: StudyArguments) -> dict:
         cpu += cpu_test
     # the training run's final evaluation is the validation split's answer NLL (the same function)
     line = result_line(
-        config, flags, results, resolved, results["eval/loss"], test_nll, cpu, time.time() - start
+        config, flags, results, resolved, results["eval/loss"], test_nll, cpu, wall + time.time() - start
     )
+    if len(segments) > 1:  # continued after a stop: the CPU of a segment killed from outside is unknown
+        line |= {"segments": len(segments), "segments_cpu_unknown": sum(x["cpu_s"] is None for x in segments)}
     return dict(line, run_dir=str(run_dir), trained_here=trained_here)
 
 
@@ -695,15 +797,23 @@ def main(args) -> dict:
     todo = [
         c for c in configs if (c.stage, c.name, c.seed) not in done and (not s.configs or c.name in s.configs)
     ]
-    lock, used = threading.Lock(), {"cpu_s": 0.0, "ran": []}
+    lock, used = threading.Lock(), {"cpu_s": 0.0, "ran": [], "stopped": []}
 
     def one(config: Config) -> None:
         with lock:
-            if used["cpu_s"] >= 60 * s.cpu_budget_minutes:
-                print(f"skipped {config.name} seed {config.seed}: CPU budget spent", flush=True)
+            if used["cpu_s"] >= 60 * s.cpu_budget_minutes or STOP.is_set():
+                why = "stopped" if STOP.is_set() else "CPU budget spent"
+                print(f"skipped {config.name} seed {config.seed}: {why}", flush=True)
                 return
         print(f"start {config.name} seed {config.seed}", flush=True)
-        line = train_and_score(config, s)
+        try:
+            line = train_and_score(config, s)
+        except StudyStopped as stopped:
+            with lock:
+                used["cpu_s"] += stopped.cpu_s
+                used["stopped"].append((config.name, config.seed))
+            print(f"stopped {config.name} seed {config.seed}: the next invocation continues it", flush=True)
+            return
         with lock:
             with open(results_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(line) + "\n")
@@ -712,26 +822,42 @@ def main(args) -> dict:
             write_report(s)
         print(f"done {config.name} seed {config.seed}: {line}", flush=True)
 
-    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
-        for future in [pool.submit(one, c) for c in todo]:
-            future.result()
+    STOP.clear()
+    deadline = threading.Timer(60 * s.stop_after_minutes, STOP.set) if s.stop_after_minutes else None
+    if deadline:
+        deadline.daemon = True
+        deadline.start()
+    try:
+        with ThreadPoolExecutor(max_workers=s.jobs) as pool:
+            for future in [pool.submit(one, c) for c in todo]:
+                future.result()
+    finally:
+        if deadline:
+            deadline.cancel()
     base = BASE_OF[s.stage]
     finished = [r for r in read_results(results_path) if r["kind"] != "base" and BASE_OF[r["stage"]] == base]
     if finished and ("base", base, 0) not in done:  # the base model on the split the stage's runs share, once
-        if used["cpu_s"] >= 60 * s.cpu_budget_minutes:
-            print(f"skipped {base}: CPU budget spent (the next invocation scores it)", flush=True)
+        if used["cpu_s"] >= 60 * s.cpu_budget_minutes or STOP.is_set():
+            print(f"skipped {base}: CPU budget spent or stopped (the next invocation scores it)", flush=True)
         else:
             first = Path(
                 finished[0].get("run_dir")
                 or Path(s.runs_dir) / f"{finished[0]['name']}_seed{finished[0]['seed']}"
             )
-            with open(results_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(base_line(first, s, base)) + "\n")
+            try:
+                line = base_line(first, s, base)
+            except StudyStopped:
+                print(f"stopped scoring {base}: the next invocation scores it", flush=True)
+            else:
+                with open(results_path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(line) + "\n")
     print(write_report(s))
     return used
 
 
 def cli_main(argv=None) -> int:
+    for signum in (signal.SIGTERM, signal.SIGINT):  # stop the runs at their checkpoints, keep their CPU
+        signal.signal(signum, lambda *_: STOP.set())
     return cli.run_main(main, parse_args, argv)
 
 

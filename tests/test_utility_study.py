@@ -4,6 +4,9 @@ selects on validation, and reports retention against the best non-private run (n
 import json
 import math
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from bench import utility_study
 from conftest import REPO, bundled_cards, write_cards
 from utils import data, recipe
+from utils.run_dir import RunDir
 
 # the study's own declarations: the fixtures below swap in tiny ones
 DECLARED_GRID = utility_study.GRID
@@ -350,3 +354,102 @@ def test_an_unknown_configs_name_is_refused_naming_each_declared_configuration_o
         "data0.5_fourth_recipe_eps8",
         "data0.5_nonprivate_b16_lr2e-3",
     ]  # 3 seeds each
+
+
+def adapter_bytes(run_dir) -> bytes:
+    return (RunDir(run_dir).bundle / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_run_killed_mid_training_continues_from_its_checkpoint_to_the_uninterrupted_adapters_counting_both_segments(
+    studied, tiny_model_dir, tmp_path, monkeypatch
+):
+    reference = next(r for r in studied["sweep"] if r["name"] == "dp_a")
+    run, lines = make_study(tiny_model_dir, tmp_path, monkeypatch)
+    # the child kills itself (SIGKILL) in the middle of step 2, after step 1's checkpoint (utils/run_dir.py)
+    monkeypatch.setenv("DP_LORA_TEST_KILL_AT", "step_2:mid")
+    with pytest.raises(utility_study.StudyError, match="train_dp_lora.py failed"):
+        run("--stage", "sweep", "--configs", "dp_a", "--jobs", "1")
+    assert not (tmp_path / "results.jsonl").exists()
+    segments_path = tmp_path / "runs" / "dp_a_seed0.segments.json"
+    killed = json.loads(segments_path.read_text())["segments"]
+    assert len(killed) == 1 and killed[0]["from_step"] == 0 and killed[0]["cpu_s"] > 0
+
+    monkeypatch.delenv("DP_LORA_TEST_KILL_AT")
+    used = run("--stage", "sweep", "--configs", "dp_a", "--jobs", "1")
+    assert used["ran"] == [("dp_a", 0)]
+    [line] = [r for r in lines() if r["stage"] == "sweep"]
+    segments = json.loads(segments_path.read_text())["segments"]
+    assert [s["from_step"] for s in segments] == [0, 1] and segments[0] == killed[0]
+    assert line["segments"] == 2 and line["segments_cpu_unknown"] == 0
+    assert line["cpu_s"] == pytest.approx(sum(s["cpu_s"] for s in segments), abs=0.15)  # rounding: 2 x 0.05
+    assert line["steps"] == 2 and line["epsilon"] == reference["epsilon"]
+    # a seeded resume replays the same draws and noise on the same one-thread kernels: bitwise the same
+    assert adapter_bytes(line["run_dir"]) == adapter_bytes(reference["run_dir"])
+    assert line["validation_nll"] == reference["validation_nll"]
+
+
+def test_a_run_with_other_flags_at_the_checkpoint_is_trained_again_from_scratch(
+    studied, tiny_model_dir, tmp_path, monkeypatch
+):
+    run, lines = make_study(tiny_model_dir, tmp_path, monkeypatch)
+    monkeypatch.setenv("DP_LORA_TEST_KILL_AT", "step_2:mid")
+    with pytest.raises(utility_study.StudyError):
+        run("--stage", "sweep", "--configs", "dp_a", "--jobs", "1")
+    monkeypatch.delenv("DP_LORA_TEST_KILL_AT")
+    changed = tuple(
+        utility_study.dp("dp_a", logical_batch_size=8, learning_rate=2e-3, max_steps=2)
+        if c.name == "dp_a"
+        else c
+        for c in TINY_GRID
+    )
+    monkeypatch.setattr(utility_study, "GRID", changed)  # the same name, another learning rate
+    run("--stage", "sweep", "--configs", "dp_a", "--jobs", "1")
+    segments = json.loads((tmp_path / "runs" / "dp_a_seed0.segments.json").read_text())["segments"]
+    [line] = [r for r in lines() if r["stage"] == "sweep"]
+    assert [s["from_step"] for s in segments] == [0] and "segments" not in line
+    args = json.loads((Path(line["run_dir"]) / "private_run_record" / "args.json").read_text())
+    assert args["training"]["learning_rate"] == 2e-3
+
+
+def test_stop_ends_a_running_child_at_once_and_reports_the_cpu_it_spent(tmp_path):
+    command = [sys.executable, "-c", "import time; sum(range(3 * 10**6)); time.sleep(120)"]
+    timer = threading.Timer(3.0, utility_study.STOP.set)
+    timer.start()
+    start = time.time()
+    try:
+        with pytest.raises(utility_study.StudyStopped) as stopped:
+            utility_study.ChildCPU.run(command, tmp_path / "child.log")
+    finally:
+        timer.cancel()
+        utility_study.STOP.clear()
+    # the child sleeps 120 s after its loop: ended within 60 s (3 s, a 0.2 s poll and a terminate under load)
+    assert time.time() - start < 60 and stopped.value.cpu_s > 0
+
+
+def test_a_stopped_study_writes_no_line_keeps_the_runs_cpu_and_the_next_invocation_finishes_it(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    run, lines = make_study(tiny_model_dir, tmp_path, monkeypatch)
+    child_run = utility_study.ChildCPU.run
+
+    def stop_after_the_child_started(command, log_path):
+        # a train_dp_lora.py child imports torch for longer than 1 s: it is in flight when STOP is set
+        timer = threading.Timer(1.0, utility_study.STOP.set)
+        timer.start()
+        try:
+            return child_run(command, log_path)
+        finally:
+            timer.cancel()
+
+    monkeypatch.setattr(utility_study.ChildCPU, "run", stop_after_the_child_started)
+    used = run("--stage", "sweep", "--configs", "dp_a", "np_a", "--jobs", "1")
+    # the grid's order: np_a first, stopped in flight; dp_a never started
+    assert used["ran"] == [] and used["stopped"] == [("np_a", 0)] and used["cpu_s"] > 0
+    assert not (tmp_path / "results.jsonl").exists()  # neither a run's line nor the base's
+    assert not (tmp_path / "runs" / "dp_a_seed0").exists()
+    [segment] = json.loads((tmp_path / "runs" / "np_a_seed0.segments.json").read_text())["segments"]
+    assert segment["cpu_s"] == pytest.approx(used["cpu_s"], abs=0.05)  # one rounding
+    monkeypatch.setattr(utility_study.ChildCPU, "run", child_run)
+    used = run("--stage", "sweep", "--configs", "dp_a", "np_a", "--jobs", "1")
+    assert sorted(used["ran"]) == [("dp_a", 0), ("np_a", 0)] and not utility_study.STOP.is_set()
+    assert sorted(r["name"] for r in lines()) == ["base", "dp_a", "np_a"]
