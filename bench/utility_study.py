@@ -501,13 +501,11 @@ def train(run_dir: Path, flags: dict) -> list[dict]:
     A segment ended from outside (the study killed with it) is kept with cpu_s None: its CPU is unknown."""
     run, segments_path = RunDir(run_dir), segments_file(run_dir)
     checkpoint = None if run.results_file.is_file() else run.latest_checkpoint()
-    if checkpoint is not None:
-        saved = read_json(checkpoint / CHECKPOINT_RECORD)
-        if not started_with(run, flags, n_train=saved["n_train"], n_users=saved.get("n_users")):
-            checkpoint = None
-    segments = read_json(segments_path)["segments"] if checkpoint and segments_path.is_file() else []
-    from_step = read_json(checkpoint / CHECKPOINT_RECORD)["steps_taken"] if checkpoint else 0
-    segments.append({"from_step": from_step, "cpu_s": None, "wall_s": None})
+    saved = read_json(checkpoint / CHECKPOINT_RECORD) if checkpoint else None
+    if saved and not started_with(run, flags, n_train=saved["n_train"], n_users=saved.get("n_users")):
+        checkpoint = saved = None
+    segments = read_json(segments_path)["segments"] if saved and segments_path.is_file() else []
+    segments.append({"from_step": saved["steps_taken"] if saved else 0, "cpu_s": None, "wall_s": None})
     write_json_atomic(segments_path, {"segments": segments})
     continued = {"resume_from_checkpoint": "latest"} if checkpoint else {"overwrite_output_dir": True}
     argv = flag_list(dict(flags, output_dir=str(run_dir), save_steps=CHECKPOINT_EVERY, **continued))
