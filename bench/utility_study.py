@@ -30,7 +30,8 @@ Contract
   again: the finals reuse the sweep's seed-0 runs. --configs runs only the named configurations.
 - CPU budget: the study starts no run once the CPU time of this invocation's runs passes
   --cpu_budget_minutes (a run in flight finishes), nor scores the base model. --jobs runs that many at
-  once, one thread each.
+  once, --threads_per_job threads each (1 by default; a line records its threads when more: CPU seconds
+  at 2 threads are not those at 1).
 - Stopping: --stop_after_minutes (wall clock), SIGTERM or Ctrl-C stop the runs in flight and start no
   other. Every run checkpoints after each step, so a stopped run, or one killed with the study, keeps its
   last step's checkpoint, and the next invocation continues it from there when its flags are unchanged (a
@@ -319,7 +320,10 @@ class StudyArguments:
     cpu_budget_minutes: float = field(
         default=120.0, metadata={"help": "start no run after this invocation's runs used this much CPU"}
     )
-    jobs: int = field(default=1, metadata={"help": "runs at once, each with one thread"})
+    jobs: int = field(default=1, metadata={"help": "runs at once"})
+    threads_per_job: int = field(
+        default=1, metadata={"help": "threads of each run (one run alone on 2 cores: 2, for its wall time)"}
+    )
     runs_dir: str = field(default="outputs/utility_study", metadata={"help": "where the runs are written"})
     results: str = field(
         default="bench/results/utility_study.jsonl", metadata={"help": "one JSON line per finished run"}
@@ -353,6 +357,8 @@ def validate_args(args) -> None:
         problems.append(f"--train_sample_fraction must be in (0, 1], got {s.train_sample_fraction}")
     if s.jobs < 1:
         problems.append(f"--jobs must be >= 1, got {s.jobs}")
+    if s.threads_per_job < 1:
+        problems.append(f"--threads_per_job must be >= 1, got {s.threads_per_job}")
     if s.cpu_budget_minutes <= 0:
         problems.append(f"--cpu_budget_minutes must be > 0, got {s.cpu_budget_minutes}")
     if s.stop_after_minutes < 0:
@@ -393,9 +399,10 @@ class ChildCPU:
     POLL_S = 0.2  # how soon a finished child is reaped, and a STOP reaches a running one
 
     @staticmethod
-    def run(command: list[str], log_path: Path) -> float:
+    def run(command: list[str], log_path: Path, threads: int = 1) -> float:
         """The finished child's CPU seconds; ChildFailed or StudyStopped (with the CPU spent) otherwise."""
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env["TOKENIZERS_PARALLELISM"] = "false"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -416,13 +423,13 @@ class ChildCPU:
         return cpu
 
 
-def nll_of(run_dir: Path, split: str, base: bool = False) -> tuple[float, float]:
+def nll_of(run_dir: Path, split: str, base: bool = False, threads: int = 1) -> tuple[float, float]:
     """(answer NLL of the run's adapters, or of the base model, on the run's `split`; CPU seconds)."""
     out = run_dir / "private_run_record" / f"nll_{split}"
     command = [sys.executable, "evaluate_qa.py", "--adapters", str(run_dir), "--nll_only", "--split", split]
     command += ["--batch_size", "16", "--report_to", "none", "--output_dir", str(out)]
     command += [] if base else ["--no_base"]
-    cpu = ChildCPU.run(command, out.with_suffix(".log"))
+    cpu = ChildCPU.run(command, out.with_suffix(".log"), threads)
     models = read_json(out / "eval_results.json")["models"]
     entry = next(m for m in models if m["kind"] == ("base" if base else "adapter"))
     return entry["metrics"]["nll"], cpu
@@ -494,7 +501,7 @@ def segments_file(run_dir: Path) -> Path:
     return run_dir.parent / f"{run_dir.name}.segments.json"
 
 
-def train(run_dir: Path, flags: dict) -> list[dict]:
+def train(run_dir: Path, flags: dict, threads: int = 1) -> list[dict]:
     """Train run_dir with these flags, continuing from its last checkpoint an unfinished run started with
     the same flags (stopped, or killed), else from scratch: every segment of the run, this one last.
 
@@ -505,14 +512,16 @@ def train(run_dir: Path, flags: dict) -> list[dict]:
     if saved and not started_with(run, flags, n_train=saved["n_train"], n_users=saved.get("n_users")):
         checkpoint = saved = None
     segments = read_json(segments_path)["segments"] if saved and segments_path.is_file() else []
-    segments.append({"from_step": saved["steps_taken"] if saved else 0, "cpu_s": None, "wall_s": None})
+    segments.append(
+        {"from_step": saved["steps_taken"] if saved else 0, "cpu_s": None, "wall_s": None, "threads": threads}
+    )
     write_json_atomic(segments_path, {"segments": segments})
     continued = {"resume_from_checkpoint": "latest"} if checkpoint else {"overwrite_output_dir": True}
     argv = flag_list(dict(flags, output_dir=str(run_dir), save_steps=CHECKPOINT_EVERY, **continued))
     start = time.time()
     try:
         cpu = ChildCPU.run(
-            [sys.executable, "train_dp_lora.py", *argv], run_dir.parent / f"{run_dir.name}.log"
+            [sys.executable, "train_dp_lora.py", *argv], run_dir.parent / f"{run_dir.name}.log", threads
         )
     except ChildEnded as ended:
         segments[-1].update(cpu_s=round(ended.cpu_s, 1), wall_s=round(time.time() - start, 1))
@@ -534,7 +543,7 @@ def train_and_score(config: Config, s: StudyArguments) -> dict:
     elif same:  # a finished run of exactly these flags (the sweep's, or an earlier invocation's): score it
         run_dir, segments, trained_here = same[0], [], False  # its training CPU is not counted again
     else:
-        segments = train(run_dir, flags)
+        segments = train(run_dir, flags, s.threads_per_job)
     cpu = sum(segment["cpu_s"] or 0.0 for segment in segments)
     wall = sum(segment["wall_s"] or 0.0 for segment in segments)
     start = time.time()
@@ -542,7 +551,7 @@ def train_and_score(config: Config, s: StudyArguments) -> dict:
     results, resolved = read_json(run.results_file), read_json(run.args_file)
     test_nll = None  # the sweep selects on validation only; the test split is scored for the finals
     if config.stage in ("finals", "data", "users"):
-        test_nll, cpu_test = nll_of(run_dir, "test")
+        test_nll, cpu_test = nll_of(run_dir, "test", threads=s.threads_per_job)
         cpu += cpu_test
     # the training run's final evaluation is the validation split's answer NLL (the same function)
     line = result_line(
@@ -550,6 +559,8 @@ def train_and_score(config: Config, s: StudyArguments) -> dict:
     )
     if len(segments) > 1:  # continued after a stop: the CPU of a segment killed from outside is unknown
         line |= {"segments": len(segments), "segments_cpu_unknown": sum(x["cpu_s"] is None for x in segments)}
+    if s.threads_per_job > 1:
+        line["threads"] = s.threads_per_job
     return dict(line, run_dir=str(run_dir), trained_here=trained_here)
 
 

@@ -432,12 +432,12 @@ def test_a_stopped_study_writes_no_line_keeps_the_runs_cpu_and_the_next_invocati
     run, lines = make_study(tiny_model_dir, tmp_path, monkeypatch)
     child_run = utility_study.ChildCPU.run
 
-    def stop_after_the_child_started(command, log_path):
+    def stop_after_the_child_started(command, log_path, threads=1):
         # a train_dp_lora.py child imports torch for longer than 1 s: it is in flight when STOP is set
         timer = threading.Timer(1.0, utility_study.STOP.set)
         timer.start()
         try:
-            return child_run(command, log_path)
+            return child_run(command, log_path, threads)
         finally:
             timer.cancel()
 
@@ -453,3 +453,42 @@ def test_a_stopped_study_writes_no_line_keeps_the_runs_cpu_and_the_next_invocati
     used = run("--stage", "sweep", "--configs", "dp_a", "np_a", "--jobs", "1")
     assert sorted(used["ran"]) == [("dp_a", 0), ("np_a", 0)] and not utility_study.STOP.is_set()
     assert sorted(r["name"] for r in lines()) == ["base", "dp_a", "np_a"]
+
+
+def test_a_child_runs_with_the_threads_asked_and_one_by_default(tmp_path):
+    command = [
+        sys.executable,
+        "-c",
+        "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'])",
+    ]
+    utility_study.ChildCPU.run(command, tmp_path / "default.log")
+    utility_study.ChildCPU.run(command, tmp_path / "two.log", threads=2)
+    assert (tmp_path / "default.log").read_text().split() == ["1", "1"]
+    assert (tmp_path / "two.log").read_text().split() == ["2", "2"]
+
+
+def test_threads_per_job_reach_the_training_and_scoring_children_and_the_line_and_segments_record_them(
+    studied, tiny_model_dir, tmp_path, monkeypatch
+):
+    run, lines = make_study(tiny_model_dir, tmp_path, monkeypatch)
+    before = [json.dumps(r) for r in studied["all"] if r["stage"] != "data"]  # the sweep and the base: done
+    (tmp_path / "results.jsonl").write_text("\n".join(before) + "\n")
+    monkeypatch.setattr(utility_study, "FINAL_SEEDS", (0,))
+    monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, max_steps=2))
+    child_run, asked = utility_study.ChildCPU.run, []
+
+    def recording(command, log_path, threads=1):
+        asked.append((Path(command[1]).name, threads))
+        return child_run(command, log_path, threads)
+
+    monkeypatch.setattr(utility_study.ChildCPU, "run", recording)
+    used = run("--stage", "data", "--configs", "data0.5_recipe_eps8", "--jobs", "1", "--threads_per_job", "2")
+    assert used["ran"] == [("data0.5_recipe_eps8", 0)]
+    assert asked == [("train_dp_lora.py", 2), ("evaluate_qa.py", 2)]  # training, then the test NLL
+    line = lines()[-1]
+    assert line["name"] == "data0.5_recipe_eps8" and line["threads"] == 2
+    [segment] = json.loads((tmp_path / "runs" / "data0.5_recipe_eps8_seed0.segments.json").read_text())[
+        "segments"
+    ]
+    assert segment["threads"] == 2
+    assert all("threads" not in r for r in studied["all"])  # one thread by default: no field
