@@ -30,8 +30,8 @@ Contract
   again: the finals reuse the sweep's seed-0 runs. --configs runs only the named configurations.
 - CPU budget: the study starts no run once the CPU time of this invocation's runs passes
   --cpu_budget_minutes (a run in flight finishes), nor scores the base model. --jobs runs that many at
-  once, --threads_per_job threads each (1 by default; a line records its threads when more: CPU seconds
-  at 2 threads are not those at 1).
+  once, --threads_per_job threads each (1 by default; a line records the most threads its processes ran
+  with when more than 1: CPU seconds at 2 threads are not those at 1; each segment records its own).
 - Stopping: --stop_after_minutes (wall clock), SIGTERM or Ctrl-C stop the runs in flight and start no
   other. Every run checkpoints after each step, so a stopped run, or one killed with the study, keeps its
   last step's checkpoint, and the next invocation continues it from there when its flags are unchanged (a
@@ -550,17 +550,19 @@ def train_and_score(config: Config, s: StudyArguments) -> dict:
     run = RunDir(run_dir)
     results, resolved = read_json(run.results_file), read_json(run.args_file)
     test_nll = None  # the sweep selects on validation only; the test split is scored for the finals
+    threads = {segment.get("threads", 1) for segment in segments}  # a segment written before the field: 1
     if config.stage in ("finals", "data", "users"):
         test_nll, cpu_test = nll_of(run_dir, "test", threads=s.threads_per_job)
         cpu += cpu_test
+        threads.add(s.threads_per_job)
     # the training run's final evaluation is the validation split's answer NLL (the same function)
     line = result_line(
         config, flags, results, resolved, results["eval/loss"], test_nll, cpu, wall + time.time() - start
     )
     if len(segments) > 1:  # continued after a stop: the CPU of a segment killed from outside is unknown
         line |= {"segments": len(segments), "segments_cpu_unknown": sum(x["cpu_s"] is None for x in segments)}
-    if s.threads_per_job > 1:
-        line["threads"] = s.threads_per_job
+    if max(threads, default=1) > 1:  # what this line's processes ran with, not what this invocation asked
+        line["threads"] = max(threads)
     return dict(line, run_dir=str(run_dir), trained_here=trained_here)
 
 
