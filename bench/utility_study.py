@@ -661,16 +661,18 @@ def summarise(results: list[dict]) -> list[dict]:
 
 
 def percent(mean_and_sd, seeds: int) -> str:
+    """'78%', or '78% ± 3%' over seeds; a spread under one point keeps a decimal, so it never reads as none."""
     if not mean_and_sd:
         return "-"
-    return f"{mean_and_sd[0]:.0%}" + (f" ± {mean_and_sd[1]:.0%}" if seeds > 1 else "")
+    mean, sd = mean_and_sd[0], mean_and_sd[1]
+    return f"{mean:.0%}" + (f" ± {sd:.1%}" if sd < 0.01 else f" ± {sd:.0%}") * (seeds > 1)
 
 
 def format_table(rows: list[dict]) -> str:
     pm = lambda ms: "-" if ms is None else (f"{ms[0]:.4f} ± {ms[1]:.4f}" if ms[2] > 1 else f"{ms[0]:.4f}")  # noqa: E731
     lines = [
         "| stage | configuration | epsilon | logical batch | epochs | lr | clip | N (training) | steps | seeds "
-        "| validation NLL | test NLL | retention (sweep: validation, finals and users: test NLL) | CPU min |",
+        "| validation NLL | test NLL | retention (sweep: validation; finals, data and users: test NLL) | CPU min |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
