@@ -665,7 +665,9 @@ def percent(mean_and_sd, seeds: int) -> str:
     if not mean_and_sd:
         return "-"
     mean, sd = mean_and_sd[0], mean_and_sd[1]
-    return f"{mean:.0%}" + (f" ± {sd:.1%}" if sd < 0.01 else f" ± {sd:.0%}") * (seeds > 1)
+    if seeds < 2:
+        return f"{mean:.0%}"
+    return f"{mean:.0%} ± " + (f"{sd:.1%}" if sd < 0.01 else f"{sd:.0%}")
 
 
 def format_table(rows: list[dict]) -> str:
