@@ -660,11 +660,11 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
-def percent(mean_and_sd, seeds: int) -> str:
+def percent(mean_sd_count) -> str:
     """'78%', or '78% ± 3%' over seeds; a spread under one point keeps a decimal, so it never reads as none."""
-    if not mean_and_sd:
+    if not mean_sd_count:
         return "-"
-    mean, sd = mean_and_sd[0], mean_and_sd[1]
+    mean, sd, seeds = mean_sd_count
     if seeds < 2:
         return f"{mean:.0%}"
     return f"{mean:.0%} ± " + (f"{sd:.1%}" if sd < 0.01 else f"{sd:.0%}")
@@ -691,7 +691,7 @@ def format_table(rows: list[dict]) -> str:
             f"| {res.get('num_train_epochs', '-')} | {res.get('learning_rate', '-')} "
             f"| {res.get('max_grad_norm', '-') if row['kind'] == 'dp' else '-'} | {n} "
             f"| {row['steps']} | {row['seeds']} | {pm(row['validation_nll'])} | {pm(row['test_nll'])} "
-            f"| {percent(retention, row['seeds'])} | {row['cpu_min']:.1f} |"
+            f"| {percent(retention)} | {row['cpu_min']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -149,10 +149,10 @@ def test_retention_is_against_one_nonprivate_configuration_chosen_on_validation_
 
 
 def test_a_retention_spread_under_one_point_is_printed_to_a_tenth_and_never_as_zero():
-    assert utility_study.percent((0.7801, 0.0030, 2), seeds=2) == "78% ± 0.3%"
-    assert utility_study.percent((0.8395, 0.0120, 3), seeds=3) == "84% ± 1%"
-    assert utility_study.percent((0.8579, 0.0, 1), seeds=1) == "86%"  # one seed: no spread to print
-    assert utility_study.percent(None, seeds=0) == "-"
+    assert utility_study.percent((0.7801, 0.0030, 2)) == "78% ± 0.3%"
+    assert utility_study.percent((0.8395, 0.0120, 3)) == "84% ± 1%"
+    assert utility_study.percent((0.8579, 0.0, 1)) == "86%"  # one seed: no spread to print
+    assert utility_study.percent(None) == "-"
 
 
 def test_cpu_budget_stops_new_runs_and_the_base_scoring_once_spent(tiny_model_dir, tmp_path, monkeypatch):
