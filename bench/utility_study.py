@@ -661,13 +661,14 @@ def summarise(results: list[dict]) -> list[dict]:
 
 
 def percent(mean_sd_count) -> str:
-    """'78%', or '78% ± 3%' over seeds; a spread under one point keeps a decimal, so it never reads as none."""
+    """'78%', or '78% ± 3%' over seeds; under a point of spread, the mean and spread keep a decimal each, so
+    the spread never reads as none and a mean near a goal is not rounded across it ('80.8% ± 0.7%')."""
     if not mean_sd_count:
         return "-"
     mean, sd, seeds = mean_sd_count
     if seeds < 2:
         return f"{mean:.0%}"
-    return f"{mean:.0%} ± " + (f"{sd:.1%}" if sd < 0.01 else f"{sd:.0%}")
+    return f"{mean:.0%} ± {sd:.0%}" if sd >= 0.01 else f"{mean:.1%} ± {sd:.1%}"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -148,8 +148,9 @@ def test_retention_is_against_one_nonprivate_configuration_chosen_on_validation_
     assert rows["np_1ep"]["retention"][0] < 1.0
 
 
-def test_a_retention_spread_under_one_point_is_printed_to_a_tenth_and_never_as_zero():
-    assert utility_study.percent((0.7801, 0.0030, 2)) == "78% ± 0.3%"
+def test_a_retention_spread_under_one_point_is_printed_to_a_tenth_with_its_mean_and_never_as_zero():
+    assert utility_study.percent((0.7801, 0.0030, 2)) == "78.0% ± 0.3%"
+    assert utility_study.percent((0.8079, 0.0074, 2)) == "80.8% ± 0.7%"  # not "81%": a goal of 80% is near
     assert utility_study.percent((0.8395, 0.0120, 3)) == "84% ± 1%"
     assert utility_study.percent((0.8579, 0.0, 1)) == "86%"  # one seed: no spread to print
     assert utility_study.percent(None) == "-"
