@@ -41,7 +41,10 @@ def make_study(model_dir, root, monkeypatch):
     monkeypatch.setattr(utility_study, "FINAL_RECIPES", utility_study.FINAL_RECIPES[:1])
     monkeypatch.setattr(utility_study, "USER_RECIPES", utility_study.USER_RECIPES[:1])
     monkeypatch.setattr(utility_study, "DATA_RECIPES", utility_study.DATA_RECIPES[:1])
-    monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, per_device_train_batch_size=8))
+    # 2 steps a run: the recipe's own 9 at this N would test nothing more, for 4 times the training
+    monkeypatch.setattr(
+        utility_study, "COMMON", dict(utility_study.COMMON, per_device_train_batch_size=8, max_steps=2)
+    )
     cards = write_cards(root / "cards.jsonl", bundled_cards()[:80])
 
     def run(*flags):
@@ -69,12 +72,11 @@ def studied(tiny_model_dir, tmp_path_factory):
         rerun = run("--stage", "sweep")
         after_rerun = lines()
         run("--stage", "finals")
-        # the users stage on 600 student cards (about 65 students), one seed, 2 steps a run
+        # the users stage on 600 student cards (about 65 students), one seed
         students = (REPO / "data" / "flashcards_by_student.jsonl").read_text(encoding="utf-8").splitlines()
         (root / "students.jsonl").write_text("\n".join(students[:600]) + "\n", encoding="utf-8")
         monkeypatch.setattr(utility_study, "FINAL_SEEDS", (0,))
         monkeypatch.setattr(utility_study, "USER_SPLIT", dict(utility_study.USER_SPLIT, test_fraction=0.2))
-        monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, max_steps=2))
         monkeypatch.setattr(utility_study, "DATA_FRACTION", 0.5)  # the tiny study trains on all of its split
         run("--stage", "data")
         run("--stage", "users", "--user_dataset", str(root / "students.jsonl"))
@@ -482,7 +484,6 @@ def test_threads_per_job_reach_the_training_and_scoring_children_and_the_line_an
     before = [json.dumps(r) for r in studied["all"] if r["stage"] != "data"]  # the sweep and the base: done
     (tmp_path / "results.jsonl").write_text("\n".join(before) + "\n")
     monkeypatch.setattr(utility_study, "FINAL_SEEDS", (0,))
-    monkeypatch.setattr(utility_study, "COMMON", dict(utility_study.COMMON, max_steps=2))
     child_run, asked = utility_study.ChildCPU.run, []
 
     def recording(command, log_path, threads=1):
