@@ -124,8 +124,7 @@ class DataArguments:
     nll_only: bool = field(
         default=False,
         metadata={
-            "help": "score only the teacher-forced answer NLL, generate nothing (the overlap metrics show -; no "
-            "question-echo baseline)"
+            "help": "score only the teacher-forced answer NLL, generate nothing (the overlap metrics show -)"
         },
     )
 
