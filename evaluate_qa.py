@@ -24,8 +24,7 @@ Contract
   private data, which that epsilon does not cover. The base model never saw the flashcards.
 - Baseline: the question itself as the answer ("question_echo") is scored too, so the table shows the
   floor that overlap metrics give for free; content F1/recall count only reference tokens that are not
-  in the question, which echoing cannot earn. --nll_only computes no overlap metric, so it scores no
-  baseline and never loads the metric.
+  in the question, which echoing cannot earn.
 - Outputs in --output_dir (default OUT/private_run_record/eval for one run, outputs/eval otherwise):
   eval_results.json, predictions.jsonl (model, question, reference, prediction, em, f1, rougeL,
   nll), with --curve privacy_utility.png, a table on the terminal, and the metrics, a summary table,
@@ -363,7 +362,7 @@ def score_model(
             progress=progress,
         )
     nll = training.cards_answer_nll(model, tokenizer, cards, batch_size, progress)
-    return score_predictions(cards, predictions, nll, (metric or load_metric()) if generate else None)
+    return score_predictions(cards, predictions, nll, metric or load_metric())
 
 
 # -----------------------------------------------------------------------------
@@ -410,11 +409,10 @@ def format_table(entries: list[dict]) -> str:
         out.append("* checkpoint selected on private data: its epsilon does not cover that selection")
     if any(e["kind"] == "adapter" and e["dp_enabled"] and not e.get("secure_mode") for e in entries):
         out.append("seeded: the guarantee holds only against someone who does not know the seed")
-    if any(e["kind"] == "baseline" for e in entries):
-        out.append(
-            f"{ECHO_NAME}: the question itself as the answer, the score overlap metrics give for free; "
-            "content F1/recall count only reference tokens that are not in the question"
-        )
+    out.append(
+        f"{ECHO_NAME}: the question itself as the answer, the score overlap metrics give for free; "
+        "content F1/recall count only reference tokens that are not in the question"
+    )
     return "\n".join(out)
 
 
@@ -635,17 +633,14 @@ def shared_base_model(runs: list[dict], model: str | None) -> str | None:
 def score_all(
     jobs: list[dict], cards: list[dict], base_model, args, accelerator
 ) -> tuple[list[dict], list[dict]]:
-    """The question-echo baseline (the overlap metrics' floor: none with --nll_only, which computes no
-    overlap metric), then every model: (table entries, prediction rows)."""
+    """The question-echo baseline, then every model: (table entries, prediction rows)."""
     m, d, g = args.model, args.data, args.generation
-    entries, predictions, metric = [], [], None
-    if not d.nll_only:  # importing `evaluate` costs seconds a process, for metrics nll_only leaves out
-        metric = load_metric()
-        summary, rows = score_predictions(cards, [c["input"] for c in cards], None, metric)
-        entries.append(
-            dict(name=ECHO_NAME, kind="baseline", dp_enabled=False, epsilon=None, delta=None, metrics=summary)
-        )
-        predictions.extend(dict(model=ECHO_NAME, **row) for row in rows)
+    metric = load_metric()
+    summary, rows = score_predictions(cards, [c["input"] for c in cards], None, metric)
+    entries = [
+        dict(name=ECHO_NAME, kind="baseline", dp_enabled=False, epsilon=None, delta=None, metrics=summary)
+    ]
+    predictions = [dict(model=ECHO_NAME, **row) for row in rows]
     for job in jobs:
         model, tokenizer, info = load_for_inference(
             job["adapters"], base_model, load_in_4bit=m.load_in_4bit, device=accelerator.device
